@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="rev_det",
+    version="0.1.0",
+    description="Reversible vision-transformer backbones for Detectron2 (RevViT, RevMViT)",
+    packages=find_packages(include=["rev_det", "rev_det.*"]),
+    python_requires=">=3.9",
+    # Detectron2 is required too, but it has no wheel on the package index:
+    # `make setup` (tools/build_detectron2.py) builds one, or install it from source.
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "fvcore",
+        "pycocotools",
+        "matplotlib",
+        "tqdm",
+        "Pillow",
+    ],
+    extras_require={"dev": ["pytest", "black", "isort"]},
+)
