@@ -1,0 +1,94 @@
+"""Exact measurement of tensor memory, on CPU as well as on GPU.
+
+A CPU allocator has no peak counter, and process RSS is noisy. :class:`MemoryTracker` counts
+instead the bytes of the tensor storages that are alive: every storage that an operator creates
+inside the context is added when it appears and subtracted (through a weakref finalizer) when
+it is freed. The result is exact and deterministic, so memory *properties* can be asserted.
+
+What it counts: storages created by operators inside the context (activations, saved tensors,
+gradients, optimizer state created there), whatever their device. What it does not count:
+tensors that existed before the context (parameters, gradients and buffers already allocated),
+views, and in-place updates of existing tensors (an operator output that shares storage with one
+of its inputs is not new memory). Allocator caching and fragmentation are not modelled; on CUDA,
+:attr:`MemoryTracker.cuda_peak` reports ``torch.cuda.max_memory_allocated`` over the context too.
+"""
+import weakref
+from typing import Dict, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["MemoryTracker", "MiB"]
+
+MiB = float(1 << 20)
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Context manager tracking live and peak tensor bytes created inside it.
+
+    Example::
+
+        with MemoryTracker() as mem:
+            loss = model(x).sum()
+            stored = mem.current  # bytes kept alive for backward (and the loss)
+            loss.backward()
+        print(mem.peak / MiB)
+
+    Attributes:
+        current (int): bytes of tracked storages alive now.
+        peak (int): the largest ``current`` seen since entering (or :meth:`reset_peak`).
+        cuda_peak (int or None): on exit, ``torch.cuda.max_memory_allocated()`` over the context
+            minus what was allocated on entry; None when CUDA is not in use.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self.cuda_peak: Optional[int] = None
+        self._live: Dict[int, int] = {}  # storage key -> bytes
+        self._cuda_base = 0
+
+    def reset_peak(self):
+        self.peak = self.current
+
+    def _free(self, key: int):
+        self.current -= self._live.pop(key, 0)
+
+    def _track(self, storage: torch.UntypedStorage):
+        key = storage._cdata
+        if key in self._live:
+            return
+        nbytes = storage.nbytes()
+        self._live[key] = nbytes
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage()._cdata
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if storage._cdata not in inputs:
+                    self._track(storage)
+        return out
+
+    def __enter__(self):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda_base = torch.cuda.memory_allocated()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            self.cuda_peak = torch.cuda.max_memory_allocated() - self._cuda_base
+        return super().__exit__(*exc)

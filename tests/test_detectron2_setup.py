@@ -1,0 +1,36 @@
+"""The Detectron2 that the set-up installs can build and train its stock Mask R-CNN on CPU."""
+import pytest
+import torch
+from detectron2 import model_zoo
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances, PolygonMasks
+from detectron2.utils.events import EventStorage
+
+
+def test_stock_r50_fpn_mask_rcnn_trains_one_step_on_cpu():
+    cfg = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    instances = Instances((256, 320))
+    instances.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 100.0, 120.0]]))
+    instances.gt_classes = torch.tensor([3])
+    instances.gt_masks = PolygonMasks([[[10, 20, 100, 20, 100, 120, 10, 120]]])
+    image = torch.randint(0, 255, (3, 256, 320), dtype=torch.uint8)
+    with EventStorage():
+        losses = model([{"image": image, "instances": instances}])
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
+    sum(losses.values()).backward()
+    assert model.backbone.bottom_up.res4[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_lazy_model_zoo_configs_are_installed():
+    cfg = model_zoo.get_config("common/models/mask_rcnn_fpn.py")
+    assert cfg.model.roi_heads.mask_in_features == ["p2", "p3", "p4", "p5"]
+
+
+def test_compiled_ops_placeholder_names_the_op():
+    from detectron2 import _C
+
+    with pytest.raises(ImportError, match=r"_C\.nms_rotated .*built from source"):
+        _C.nms_rotated
