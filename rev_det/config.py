@@ -1,0 +1,59 @@
+"""rev_det's yacs config keys: ``add_revdet_config(cfg)`` adds them with their defaults."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_revdet_config", "PYRAMIDS", "check_choice"]
+
+PYRAMIDS = ("reversible", "simple")
+
+
+def add_revdet_config(cfg: CN) -> CN:
+    """Add rev_det's keys (MODEL.REV, MODEL.REVVIT, SOLVER.*) to a Detectron2 config.
+
+    Call it before ``merge_from_file`` so that rev_det's keys in a yaml are known. Calling it
+    twice is harmless.
+    """
+    _c = cfg
+    if "REV" in _c.MODEL:
+        return cfg
+
+    # Options shared by every reversible trunk.
+    _c.MODEL.REV = CN()
+    # "reversible" | "autograd" | "checkpoint": the same model, only memory and time differ.
+    _c.MODEL.REV.BACKPROP = "reversible"
+    # "reversible" (ReversibleFeaturePyramid) | "simple" (ViTDet's SimpleFeaturePyramid).
+    _c.MODEL.REV.PYRAMID = "reversible"
+    # Coupling blocks per level of the reversible pyramid.
+    _c.MODEL.REV.PYRAMID_BLOCKS = 2
+    # Pad images to a square of this size (0: pad to the size divisibility only).
+    _c.MODEL.REV.SQUARE_PAD = 0
+
+    _c.MODEL.REVVIT = CN()
+    _c.MODEL.REVVIT.IMG_SIZE = 1024
+    _c.MODEL.REVVIT.PATCH_SIZE = 16
+    _c.MODEL.REVVIT.EMBED_DIM = 768
+    _c.MODEL.REVVIT.DEPTH = 12
+    _c.MODEL.REVVIT.NUM_HEADS = 12
+    _c.MODEL.REVVIT.MLP_RATIO = 4.0
+    _c.MODEL.REVVIT.QKV_BIAS = True
+    _c.MODEL.REVVIT.DROP_PATH_RATE = 0.1
+    _c.MODEL.REVVIT.USE_ABS_POS = True
+    _c.MODEL.REVVIT.USE_REL_POS = True
+    _c.MODEL.REVVIT.WINDOW_SIZE = 14
+    _c.MODEL.REVVIT.WINDOW_BLOCK_INDEXES = [0, 1, 3, 4, 6, 7, 9, 10]
+    _c.MODEL.REVVIT.PRETRAIN_IMG_SIZE = 224
+    _c.MODEL.REVVIT.PRETRAIN_USE_CLS_TOKEN = True
+
+    # AdamW with layer-wise lr decay (Detectron2 v0.6's yacs optimizer is SGD only); used by
+    # rev_det.solver.build_optimizer when SOLVER.OPTIMIZER is "ADAMW".
+    _c.SOLVER.OPTIMIZER = "SGD"
+    _c.SOLVER.BETAS = (0.9, 0.999)
+    _c.SOLVER.LR_DECAY_RATE = 1.0
+    return cfg
+
+
+def check_choice(key: str, value: str, choices) -> str:
+    """Return ``value`` if it is one of ``choices``; otherwise raise naming the valid ones."""
+    if value not in choices:
+        raise ValueError(f"{key} = {value!r} is not valid; choose one of {tuple(choices)}.")
+    return value
+

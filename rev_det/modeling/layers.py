@@ -1,0 +1,38 @@
+"""Small layers that Detectron2 v0.6 lacks (Detectron2 main has equivalents)."""
+from typing import Callable, Union
+
+import torch
+from detectron2.layers import get_norm as d2_get_norm
+from torch import nn
+
+__all__ = ["LayerNorm2d", "get_norm"]
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an (N, C, H, W) tensor, as in ViTDet's pyramid and heads.
+
+    Detectron2 v0.6's ``get_norm`` has no "LN"; this module is what "LN" means in rev_det.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], None, None, self.eps)
+        return x.permute(0, 3, 1, 2) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def get_norm(norm: Union[str, Callable[[int], nn.Module], None], out_channels: int):
+    """Detectron2's ``get_norm`` plus "LN" (channels-first LayerNorm) on every Detectron2 version.
+
+    Args:
+        norm: "LN", any name Detectron2's ``get_norm`` knows ("BN", "GN", "SyncBN", ...), a
+            callable that takes the channel count and returns a module, or ""/None for none.
+        out_channels: number of channels the norm acts on.
+    """
+    if norm == "LN":
+        return LayerNorm2d(out_channels)
+    return d2_get_norm(norm, out_channels)

@@ -1,0 +1,323 @@
+"""RevViT: the ViTDet plain backbone made reversible (Mangalam et al., CVPR 2022)."""
+import logging
+from functools import partial
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import Backbone
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from ..reversible import ReversibleBlock, ReversibleSequence
+from .attention import (
+    Mlp,
+    attention_with_rel_pos,
+    resize_abs_pos,
+    window_partition,
+    window_unpartition,
+)
+
+__all__ = ["RevViT", "RevViTBlock", "Attention", "PatchEmbed", "REVVIT_SIZES"]
+
+logger = logging.getLogger(__name__)
+
+# ViTDet's B/L/H: width, depth, heads, drop path and the blocks that use window attention
+# (the others, evenly spaced, use global attention).
+REVVIT_SIZES = {
+    "B": dict(
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        drop_path_rate=0.1,
+        window_block_indexes=(0, 1, 3, 4, 6, 7, 9, 10),
+    ),
+    "L": dict(
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        drop_path_rate=0.4,
+        window_block_indexes=tuple(i for i in range(24) if i % 6 != 5),
+    ),
+    "H": dict(
+        embed_dim=1280,
+        depth=32,
+        num_heads=16,
+        drop_path_rate=0.5,
+        window_block_indexes=tuple(i for i in range(32) if i % 8 != 7),
+    ),
+}
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: (B, C, H, W) -> (B, H / p, W / p, D)."""
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on a (B, H, W, C) grid with optional relative position bias.
+
+    Args:
+        dim: number of channels.
+        num_heads: number of heads.
+        qkv_bias: add a bias to the query, key and value projections.
+        use_rel_pos: add the decomposed relative position bias.
+        input_size: the (H, W) grid the relative position tables are sized for; other sizes
+            interpolate them.
+        fold_rel_pos: fold the bias into q/k (see :func:`attention_with_rel_pos`); for global
+            attention, where an explicit N x N bias would dominate memory.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        use_rel_pos: bool = False,
+        input_size: Optional[Tuple[int, int]] = None,
+        fold_rel_pos: bool = False,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.fold_rel_pos = fold_rel_pos
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            head_dim = dim // num_heads
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        rel = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
+        x = attention_with_rel_pos(q, k, v, (h, w), (h, w), *rel, fold=self.fold_rel_pos)
+        return self.proj(x.transpose(1, 2).reshape(b, h, w, c))
+
+
+class RevViTBlock(ReversibleBlock):
+    """A ViT block as a reversible block: F = norm1 + attention, G = norm2 + MLP.
+
+    There is no residual skip inside F or G: the coupling ``Y1 = X1 + F(X2)``,
+    ``Y2 = X2 + G(Y1)`` is the residual (keeping ViT's inner skips trains badly past ~8 blocks,
+    as the paper shows). Drop path is applied to F's and G's outputs.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        norm_layer=nn.LayerNorm,
+        act_layer=nn.GELU,
+        use_rel_pos: bool = False,
+        window_size: int = 0,
+        input_size: Optional[Tuple[int, int]] = None,
+    ):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            use_rel_pos=use_rel_pos,
+            input_size=input_size if window_size == 0 else (window_size, window_size),
+            fold_rel_pos=window_size == 0,
+        )
+        self.drop_path = StochasticDepth(drop_path, "row")
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act_layer)
+
+    def F(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802
+        x = self.norm1(x)
+        if self.window_size == 0:
+            return self.drop_path(self.attn(x))
+        hw = x.shape[1:3]
+        windows, padded_hw = window_partition(x, self.window_size)
+        x = window_unpartition(self.attn(windows), self.window_size, padded_hw, hw)
+        return self.drop_path(x)
+
+    def G(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802
+        return self.drop_path(self.mlp(self.norm2(x)))
+
+
+class RevViT(Backbone):
+    """Reversible Vision Transformer trunk for detection (ViTDet layout, Rev-ViT blocks).
+
+    The patch tokens are duplicated into two streams (as in the paper), run through
+    ``depth`` reversible blocks (:class:`RevViTBlock`, window attention in
+    ``window_block_indexes`` and global attention elsewhere), and fused at the end.
+
+    Fusion: the two output streams are concatenated (2C channels) and normalised by one
+    LayerNorm over the 2C channels (``norm``). This is the paper's Rev-ViT fusion: X1 carries
+    the attention updates and X2 the MLP updates, both are needed to describe the output
+    (neither alone is the block output of a plain ViT), and concatenation keeps all of it with
+    a single extra LayerNorm as the only parameters beyond ViT's. ``last_feat`` therefore has
+    2C channels at stride 16.
+
+    For the reversible pyramid, :meth:`forward_streams` returns the two streams unfused.
+
+    Args:
+        img_size: input size the relative position tables of global blocks are sized for.
+        patch_size: patch size (stride of the output).
+        in_chans: number of input image channels.
+        embed_dim: width C of each stream.
+        depth: number of reversible blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width over embed_dim.
+        qkv_bias: bias in the query, key and value projections.
+        drop_path_rate: stochastic depth rate of the last block (linear from 0).
+        norm_layer: normalisation of the blocks and the fusion.
+        act_layer: MLP activation.
+        use_abs_pos: add absolute position embeddings (from a pre-training grid, resized).
+        use_rel_pos: add decomposed relative position bias in attention.
+        window_size: window size of window-attention blocks.
+        window_block_indexes: indexes of blocks using window attention.
+        pretrain_img_size: image size of the pre-training grid of ``pos_embed``.
+        pretrain_use_cls_token: whether ``pos_embed`` has a class-token entry (dropped).
+        backprop: "reversible", "autograd" or "checkpoint" (see :mod:`rev_det.reversible`).
+        out_feature: name of the output feature.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        act_layer=nn.GELU,
+        use_abs_pos: bool = True,
+        use_rel_pos: bool = False,
+        window_size: int = 0,
+        window_block_indexes: Sequence[int] = (),
+        pretrain_img_size: int = 224,
+        pretrain_use_cls_token: bool = True,
+        backprop: str = "reversible",
+        out_feature: str = "last_feat",
+    ):
+        super().__init__()
+        bad = [i for i in window_block_indexes if not 0 <= i < depth]
+        if bad:
+            raise ValueError(
+                f"window_block_indexes {bad} are outside the {depth} blocks (0..{depth - 1})."
+            )
+        if window_block_indexes and window_size <= 0:
+            raise ValueError("window_block_indexes is set but window_size is not positive.")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}.")
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.pretrain_use_cls_token = pretrain_use_cls_token
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        if use_abs_pos:
+            num_patches = (pretrain_img_size // patch_size) ** 2
+            num_positions = num_patches + 1 if pretrain_use_cls_token else num_patches
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim))
+        else:
+            self.pos_embed = None
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        grid = (img_size // patch_size, img_size // patch_size)
+        blocks = [
+            RevViTBlock(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=rates[i],
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                use_rel_pos=use_rel_pos,
+                window_size=window_size if i in window_block_indexes else 0,
+                input_size=grid,
+            )
+            for i in range(depth)
+        ]
+        self.blocks = ReversibleSequence(blocks, backprop)
+        self.norm = norm_layer(2 * embed_dim)
+
+        self._out_features = [out_feature]
+        self._out_feature_channels = {out_feature: 2 * embed_dim}
+        self._out_feature_strides = {out_feature: patch_size}
+        self._init_weights()
+
+    def _init_weights(self):
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def backprop(self) -> str:
+        return self.blocks.backprop
+
+    @backprop.setter
+    def backprop(self, mode: str):
+        self.blocks.backprop = mode
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.patch_size
+
+    def _check_input(self, x: torch.Tensor):
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"RevViT expects images of shape (B, {self.in_chans}, H, W), got "
+                f"{tuple(x.shape)}; convert grayscale/RGBA images to {self.in_chans} channels "
+                "(Detectron2: INPUT.FORMAT and MODEL.PIXEL_MEAN/PIXEL_STD)."
+            )
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if h < p or w < p or h % p or w % p:
+            raise ValueError(
+                f"RevViT needs H and W to be positive multiples of the patch size {p}, got "
+                f"{h}x{w}; pad the images (the pyramid's size_divisibility does this in "
+                "Detectron2's models)."
+            )
+
+    def forward_streams(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two streams after the last block, each (B, C, H / p, W / p)."""
+        self._check_input(x)
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + resize_abs_pos(self.pos_embed, self.pretrain_use_cls_token, x.shape[1:3])
+        x1, x2 = self.blocks(x, x)
+        return x1.permute(0, 3, 1, 2), x2.permute(0, 3, 1, 2)
+
+    def fuse(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Concatenate the (B, C, h, w) streams and LayerNorm the 2C channels."""
+        x = torch.cat([x1, x2], dim=1).permute(0, 2, 3, 1)
+        return self.norm(x).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {self._out_features[0]: self.fuse(*self.forward_streams(x))}
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            name: ShapeSpec(
+                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
+            )
+            for name in self._out_features
+        }
