@@ -1,6 +1,8 @@
 """rev_det: reversible vision-transformer backbones for Detectron2.
 
-Importing this package registers its backbones in Detectron2's BACKBONE_REGISTRY.
+``import rev_det`` registers the backbones in Detectron2's BACKBONE_REGISTRY
+(``build_rev_vit_backbone``) and the embedded shapes datasets in DatasetCatalog; call
+``add_revdet_config(cfg)`` before merging a yacs file that uses rev_det's keys.
 """
 try:
     import detectron2  # noqa: F401
@@ -12,4 +14,11 @@ except ImportError as e:
         "(https://detectron2.readthedocs.io/en/latest/tutorials/install.html)."
     ) from e
 
+from . import modeling  # noqa: F401  (registers the backbones)
+from .config import add_revdet_config
+from .data import register_shapes_datasets
+
+register_shapes_datasets()
+
 __version__ = "0.1.0"
+__all__ = ["add_revdet_config", "modeling", "register_shapes_datasets"]

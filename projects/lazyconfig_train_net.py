@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Train and evaluate LazyConfig (``.py``) configs with rev_det's backbones.
+
+Same flags as ``train_net.py``; overrides are ``a.b=c`` pairs. For example::
+
+    python projects/lazyconfig_train_net.py --config-file configs/demo/mask_rcnn_rev_vit_demo.py \
+        train.device=cpu
+    python projects/lazyconfig_train_net.py \
+        --config-file configs/COCO/mask_rcnn_rev_vit_b_100ep.py --num-gpus 8
+"""
+import logging
+import os
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+    launch,
+)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+
+import rev_det  # noqa: F401  (registers backbones and datasets, also in launched workers)
+from rev_det.data import prepare_datasets
+
+logger = logging.getLogger("rev_det.lazyconfig_train_net")
+
+
+def dataset_names(cfg):
+    names = []
+    for split in ("train", "test"):
+        loader = cfg.dataloader.get(split)
+        if loader is not None:
+            dataset_names = loader.dataset.names
+            names += [dataset_names] if isinstance(dataset_names, str) else list(dataset_names)
+    return names
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    cfg.dataloader.evaluator.output_dir = os.path.join(cfg.train.output_dir, "inference")
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(results)
+    return results
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer_class = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
+    trainer = trainer_class(model, train_loader, optimizer)
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    main_process = comm.is_main_process()
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if main_process
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if main_process
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    default_setup(cfg, args)
+    prepare_datasets(dataset_names(cfg))
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = create_ddp_model(model)
+        checkpointer = DetectionCheckpointer(model, cfg.train.output_dir)
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+        return do_test(cfg, model)
+    do_train(args, cfg)
+
+
+def invoke_main():
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()

@@ -1,0 +1,64 @@
+"""Detectron2 builders for rev_det's backbones (registered in BACKBONE_REGISTRY)."""
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from torch import nn
+
+from ..config import PYRAMIDS, check_choice
+from ..reversible import BACKPROP_MODES
+from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
+from .rev_vit import RevViT
+
+__all__ = ["build_rev_vit_backbone", "build_pyramid", "set_backprop"]
+
+
+def build_pyramid(cfg, net: Backbone) -> Backbone:
+    """Wrap a stride-16 reversible trunk in the pyramid that ``cfg.MODEL.REV.PYRAMID`` names."""
+    kind = check_choice("MODEL.REV.PYRAMID", cfg.MODEL.REV.PYRAMID, PYRAMIDS)
+    common = dict(
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        scale_factors=(4.0, 2.0, 1.0, 0.5),
+        top_block=LastLevelMaxPool(),
+        norm=cfg.MODEL.FPN.NORM or "LN",
+        square_pad=cfg.MODEL.REV.SQUARE_PAD,
+    )
+    if kind == "simple":
+        return SimpleFeaturePyramid(net, in_feature=net._out_features[0], **common)
+    return ReversibleFeaturePyramid(net, num_blocks=cfg.MODEL.REV.PYRAMID_BLOCKS, **common)
+
+
+def set_backprop(model: nn.Module, mode: str) -> nn.Module:
+    """Switch every reversible part of ``model`` (trunks and pyramids) to backprop ``mode``.
+
+    The parameters stay the same, so one model can be measured in all three modes.
+    """
+    check_choice("backprop", mode, BACKPROP_MODES)
+    for module in model.modules():
+        if hasattr(module, "backprop"):
+            module.backprop = mode
+    return model
+
+
+@BACKBONE_REGISTRY.register()
+def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """RevViT + pyramid adapter (p2-p6) from ``cfg.MODEL.REVVIT`` and ``cfg.MODEL.REV``."""
+    c = cfg.MODEL.REVVIT
+    net = RevViT(
+        img_size=c.IMG_SIZE,
+        patch_size=c.PATCH_SIZE,
+        in_chans=input_shape.channels,
+        embed_dim=c.EMBED_DIM,
+        depth=c.DEPTH,
+        num_heads=c.NUM_HEADS,
+        mlp_ratio=c.MLP_RATIO,
+        qkv_bias=c.QKV_BIAS,
+        drop_path_rate=c.DROP_PATH_RATE,
+        use_abs_pos=c.USE_ABS_POS,
+        use_rel_pos=c.USE_REL_POS,
+        window_size=c.WINDOW_SIZE,
+        window_block_indexes=tuple(c.WINDOW_BLOCK_INDEXES),
+        pretrain_img_size=c.PRETRAIN_IMG_SIZE,
+        pretrain_use_cls_token=c.PRETRAIN_USE_CLS_TOKEN,
+        backprop=check_choice("MODEL.REV.BACKPROP", cfg.MODEL.REV.BACKPROP, BACKPROP_MODES),
+    )
+    return build_pyramid(cfg, net)

@@ -1,0 +1,208 @@
+"""Registration, shipped configs, the backbone + pyramid inside Mask R-CNN, and the optimizer."""
+import glob
+import os
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from detectron2.structures import Boxes, BitMasks, ImageList, Instances
+from detectron2.utils.events import EventStorage
+
+import rev_det
+from rev_det.modeling import set_backprop
+from rev_det.solver import build_optimizer, get_optimizer_params
+from rev_det.utils.memory import MemoryTracker
+from test_engine import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+YACS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "mask_rcnn_*.yaml"), recursive=True))
+LAZY = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "mask_rcnn_*.py"), recursive=True))
+DEMO = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
+
+
+def yacs_cfg(path, *opts):
+    cfg = get_cfg()
+    rev_det.add_revdet_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def tiny_cfg(*opts):
+    """The demo config shrunk further, for fast CPU steps."""
+    return yacs_cfg(
+        DEMO,
+        "MODEL.REVVIT.EMBED_DIM", 48,
+        "MODEL.REVVIT.DEPTH", 4,
+        "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", [0, 2],
+        "MODEL.REVVIT.DROP_PATH_RATE", 0.1,
+        "MODEL.FPN.OUT_CHANNELS", 32,
+        "MODEL.ROI_BOX_HEAD.CONV_DIM", 32,
+        "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+        "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
+        *opts,
+    )  # fmt: skip
+
+
+def fake_batch(sizes=((192, 256), (200, 249))):
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for h, w in sizes:
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 90.0, 120.0], [50.0, 30.0, 150.0, 100.0]]))
+        inst.gt_classes = torch.tensor([1, 4])
+        masks = torch.zeros(2, h, w, dtype=torch.bool)
+        masks[0, 20:120, 10:90] = True
+        masks[1, 30:100, 50:150] = True
+        inst.gt_masks = BitMasks(masks)
+        image = torch.randint(0, 255, (3, h, w), generator=g, dtype=torch.uint8)
+        batch.append({"image": image, "instances": inst, "height": h, "width": w})
+    return batch
+
+
+def test_backbone_is_registered_by_import():
+    assert "build_rev_vit_backbone" in BACKBONE_REGISTRY
+
+
+@pytest.mark.parametrize("path", YACS, ids=os.path.basename)
+def test_every_yacs_config_builds_mask_rcnn(path):
+    cfg = yacs_cfg(path, "MODEL.DEVICE", "meta")  # structure only: no weights are allocated
+    model = build_model(cfg)
+    assert type(model).__name__ == "GeneralizedRCNN"
+    assert set(model.backbone.output_shape()) == {"p2", "p3", "p4", "p5", "p6"}
+    assert model.roi_heads.mask_on
+
+
+@pytest.mark.parametrize("path", LAZY, ids=os.path.basename)
+def test_every_lazy_config_builds_mask_rcnn(path):
+    cfg = LazyConfig.load(path)
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    assert type(model).__name__ == "GeneralizedRCNN"
+    assert set(model.backbone.output_shape()) == {"p2", "p3", "p4", "p5", "p6"}
+    cfg.optimizer.params.model = model
+    assert len(instantiate(cfg.optimizer).param_groups) > 1
+    assert instantiate(cfg.lr_multiplier) is not None
+
+
+@pytest.mark.parametrize("pyramid", ["reversible", "simple"])
+def test_output_shape_matches_outputs_for_odd_image_sizes(pyramid):
+    model = build_model(tiny_cfg("MODEL.REV.PYRAMID", pyramid)).eval()
+    images = ImageList.from_tensors(
+        [torch.randn(3, 200, 249), torch.randn(3, 131, 97)], model.backbone.size_divisibility
+    )
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+    shapes = model.backbone.output_shape()
+    assert set(features) == set(shapes) == {"p2", "p3", "p4", "p5", "p6"}
+    for name, feat in features.items():
+        assert feat.shape[1] == shapes[name].channels
+        assert images.tensor.shape[-2] == feat.shape[-2] * shapes[name].stride
+        assert images.tensor.shape[-1] == feat.shape[-1] * shapes[name].stride
+
+
+def test_training_step_and_inference_on_cpu():
+    model = build_model(tiny_cfg())
+    with EventStorage():
+        losses = model(fake_batch())
+    assert {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"} <= set(losses)
+    sum(losses.values()).backward()
+    trunk = model.backbone.net
+    assert trunk.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert trunk.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        (result,) = model(fake_batch(((200, 249),)))
+    assert result["instances"].image_size == (200, 249)
+
+
+def test_backbone_gradients_equal_across_backprop_modes_float64():
+    model = build_model(tiny_cfg()).backbone.double().train()
+    x = torch.randn(1, 3, 128, 192, dtype=torch.float64)
+    grads = {}
+    for mode in ("autograd", "reversible", "checkpoint"):
+        set_backprop(model, mode)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        features = model(x)
+        sum((i + 1) * f.square().mean() for i, f in enumerate(features.values())).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for mode in ("reversible", "checkpoint"):
+        assert set(grads[mode]) == set(grads["autograd"])
+        for name, ref in grads["autograd"].items():
+            assert rel_err(grads[mode][name], ref) <= 1e-10, (mode, name)
+
+
+def backbone_activation_peak(pyramid, backprop, depth=6, size=256):
+    """Peak of a backbone training step, parameter gradients excluded (weights frozen)."""
+    cfg = tiny_cfg(
+        "MODEL.REV.PYRAMID", pyramid,
+        "MODEL.REVVIT.EMBED_DIM", 96,
+        "MODEL.REVVIT.DEPTH", depth,
+        "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", [i for i in range(depth) if i % 3 != 2],
+        "MODEL.FPN.OUT_CHANNELS", 64,
+    )  # fmt: skip
+    backbone = build_model(cfg).backbone.train()
+    set_backprop(backbone, backprop)
+    backbone.requires_grad_(False)
+    x = torch.randn(1, 3, size, size, requires_grad=True)
+    with MemoryTracker() as mem:
+        sum(f.sum() for f in backbone(x).values()).backward()
+    return mem.peak
+
+
+def test_reversible_backbone_uses_a_quarter_of_autograd_simple_memory():
+    rev = backbone_activation_peak("reversible", "reversible")
+    plain = backbone_activation_peak("simple", "autograd")
+    assert rev <= plain / 4, (rev, plain)
+
+
+def test_unknown_choices_list_the_valid_ones():
+    with pytest.raises(ValueError, match=r"MODEL.REV.BACKPROP = 'fast'.*'reversible'"):
+        build_model(tiny_cfg("MODEL.REV.BACKPROP", "fast"))
+    with pytest.raises(ValueError, match=r"MODEL.REV.PYRAMID = 'fpn'.*'simple'"):
+        build_model(tiny_cfg("MODEL.REV.PYRAMID", "fpn"))
+    with pytest.raises(KeyError, match="Non-existent config key"):
+        tiny_cfg("MODEL.REVVIT.WINDOW", 3)
+
+
+def test_adamw_layer_decay_and_no_decay_on_positions():
+    cfg = tiny_cfg("SOLVER.LR_DECAY_RATE", 0.5, "SOLVER.WEIGHT_DECAY", 0.1)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    net, base = model.backbone.net, cfg.SOLVER.BASE_LR
+    depth = cfg.MODEL.REVVIT.DEPTH
+    assert group_of[id(net.pos_embed)]["lr"] == pytest.approx(base * 0.5 ** (depth + 1))
+    # blocks.1 is layer 2 of depth + 1
+    assert group_of[id(net.blocks[1].attn.qkv.weight)]["lr"] == pytest.approx(base * 0.5 ** (depth - 1))
+    assert group_of[id(model.roi_heads.box_predictor.cls_score.weight)]["lr"] == pytest.approx(base)
+    assert group_of[id(net.pos_embed)]["weight_decay"] == 0.0
+    assert group_of[id(net.blocks[0].attn.rel_pos_h)]["weight_decay"] == 0.0
+    assert group_of[id(net.blocks[0].norm1.weight)]["weight_decay"] == 0.0
+    assert group_of[id(net.blocks[0].attn.qkv.weight)]["weight_decay"] == 0.1
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_flop_count_in_eval_is_equal_across_backprop_modes():
+    from fvcore.nn import FlopCountAnalysis
+
+    model = build_model(tiny_cfg()).backbone.eval()
+    x = torch.randn(1, 3, 128, 128)
+    totals = {}
+    for mode in ("reversible", "autograd"):
+        set_backprop(model, mode)
+        flops = FlopCountAnalysis(model, x)
+        flops.unsupported_ops_warnings(False)
+        totals[mode] = flops.total()
+    assert totals["reversible"] > 1e6
+    assert totals["reversible"] == totals["autograd"]
+
+
+def test_optimizer_params_infer_depth_from_block_names():
+    model = build_model(tiny_cfg())
+    groups = get_optimizer_params(model, base_lr=1.0, lr_decay_rate=0.5)
+    lrs = sorted({g["lr"] for g in groups})
+    assert lrs == [0.5**k for k in range(tiny_cfg().MODEL.REVVIT.DEPTH + 1, -1, -1)]

@@ -1,0 +1,149 @@
+"""RevViT: gradients across backprop modes, flat memory in depth, attention, checkpoints, errors."""
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
+
+from rev_det.modeling.attention import attention_with_rel_pos, rel_pos_table
+from rev_det.modeling.rev_vit import RevViT
+from rev_det.utils.memory import MemoryTracker
+from test_engine import rel_err
+
+
+def tiny_rev_vit(depth=4, dim=32, heads=2, **kw):
+    args = dict(
+        img_size=64,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        drop_path_rate=0.2,
+        use_rel_pos=True,
+        window_size=3,
+        window_block_indexes=tuple(i for i in range(depth) if i % 2 == 0),
+        pretrain_img_size=64,
+    )
+    args.update(kw)
+    torch.manual_seed(0)
+    return RevViT(**args)
+
+
+def test_gradients_equal_across_backprop_modes_float64():
+    model = tiny_rev_vit().double().train()
+    for p in model.parameters():  # zero-initialised tables would make their test vacuous
+        nn.init.normal_(p, std=0.05) if p.dim() == 2 and p.shape[0] != 1 else None
+    x = torch.randn(2, 3, 80, 112, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for mode in ("autograd", "reversible", "checkpoint"):
+        model.backprop = mode
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(1)
+        feat = model(x)["last_feat"]
+        (feat * torch.linspace(-1, 1, feat.shape[1], dtype=feat.dtype)[:, None, None]).sum().backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        grads[mode]["input"] = x.grad.clone()
+    assert grads["autograd"]["blocks.1.attn.rel_pos_h"].abs().max() > 0
+    for mode in ("reversible", "checkpoint"):
+        assert set(grads[mode]) == set(grads["autograd"])
+        for name, ref in grads["autograd"].items():
+            assert rel_err(grads[mode][name], ref) <= 1e-10, (mode, name)
+
+
+def trunk_activation_peak(depth, backprop):
+    """Peak bytes of a training step with frozen weights (parameter gradients excluded)."""
+    model = RevViT(
+        img_size=256,
+        embed_dim=64,
+        depth=depth,
+        num_heads=4,
+        use_rel_pos=True,
+        window_size=8,
+        window_block_indexes=tuple(i for i in range(depth) if i % 4 != 3),
+        pretrain_img_size=256,
+        backprop=backprop,
+    ).train()
+    model.requires_grad_(False)
+    x = torch.randn(1, 3, 256, 256, requires_grad=True)
+    with MemoryTracker() as mem:
+        model(x)["last_feat"].sum().backward()
+    return mem.peak
+
+
+def test_trunk_activation_memory_is_flat_in_depth():
+    rev = trunk_activation_peak(24, "reversible") / trunk_activation_peak(12, "reversible")
+    plain = trunk_activation_peak(24, "autograd") / trunk_activation_peak(12, "autograd")
+    assert rev <= 1.05, rev
+    assert plain >= 1.8, plain
+
+
+def test_folded_relative_position_bias_equals_explicit_softmax():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6 * 7, 8, dtype=torch.float64) for _ in range(3))
+    rh, rw = torch.randn(11, 8, dtype=torch.float64), torch.randn(13, 8, dtype=torch.float64)
+    # Reference: the ViTDet formulation, written out.
+    scores = (q * 8**-0.5) @ k.transpose(-1, -2)
+    grid = q.reshape(2, 3, 6, 7, 8)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid, rel_pos_table(6, 6, rh))
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid, rel_pos_table(7, 7, rw))
+    scores = scores + (bias_h[..., :, None] + bias_w[..., None, :]).reshape(2, 3, 42, 42)
+    reference = scores.softmax(-1) @ v
+    for fold in (False, True):
+        out = attention_with_rel_pos(q, k, v, (6, 7), (6, 7), rh, rw, fold=fold)
+        assert rel_err(out, reference) < 1e-12
+
+
+def test_rel_pos_table_indexes_relative_offsets():
+    table = torch.arange(7.0)[:, None]  # entry i encodes offset i - 3
+    rel = rel_pos_table(4, 4, table)[..., 0]
+    assert torch.equal(rel, torch.arange(4.0)[:, None] - torch.arange(4.0)[None, :] + 3)
+
+
+def mae_vit_state_dict(model: RevViT):
+    """A state dict with MAE ViT key names and shapes (timm's VisionTransformer layout)."""
+    sd = {
+        "cls_token": torch.randn(1, 1, 32),
+        "pos_embed": torch.randn(model.pos_embed.shape),
+        "patch_embed.proj.weight": torch.randn(model.patch_embed.proj.weight.shape),
+        "patch_embed.proj.bias": torch.randn(32),
+        "norm.weight": torch.randn(32),  # MAE's final norm acts on C; RevViT fuses 2C
+        "norm.bias": torch.randn(32),
+    }
+    for name, p in model.blocks.named_parameters():
+        if "rel_pos" not in name:  # MAE has no relative position tables
+            sd[f"blocks.{name}"] = torch.randn(p.shape)
+    return sd
+
+
+def test_mae_checkpoint_loads_by_detectron2_name_matching(tmp_path):
+    model = nn.Module()  # a detector whose backbone.net is the trunk, as in the configs
+    model.backbone = nn.Module()
+    model.backbone.net = tiny_rev_vit(depth=2)
+    net = model.backbone.net
+    sd = mae_vit_state_dict(net)
+    path = tmp_path / "mae.pth"
+    torch.save({"model": sd, "matching_heuristics": True}, path)
+    DetectionCheckpointer(model).load(str(path))
+    for name, p in net.blocks.named_parameters():
+        if "rel_pos" not in name:
+            assert torch.equal(p, sd[f"blocks.{name}"]), name
+    assert torch.equal(net.patch_embed.proj.weight, sd["patch_embed.proj.weight"])
+    assert torch.equal(net.pos_embed, sd["pos_embed"])
+
+
+def test_bad_inputs_and_arguments_are_named():
+    model = tiny_rev_vit().eval()
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\).*channels"):
+        model(torch.randn(1, 4, 64, 64))
+    with pytest.raises(ValueError, match="multiples of the patch size 16"):
+        model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="multiples of the patch size 16"):
+        model(torch.randn(1, 3, 64, 70))
+    with pytest.raises(ValueError, match=r"window_block_indexes \[4\] are outside the 4 blocks"):
+        tiny_rev_vit(window_block_indexes=(0, 4))
+
+
+def test_input_smaller_than_a_window_is_padded_inside_attention():
+    model = tiny_rev_vit(window_size=5).eval()  # 2x2 tokens, 5x5 windows
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32))["last_feat"]
+    assert out.shape == (1, 64, 2, 2) and torch.isfinite(out).all()
