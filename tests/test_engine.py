@@ -217,3 +217,19 @@ def test_engine_does_not_depend_on_detectron2():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 assert not any(n.startswith(("detectron2", "rev_det.modeling")) for n in names)
+
+
+def step_peak_with_existing_grads(depth):
+    """Peak of a second training step, when every parameter already has a .grad (as under DDP
+    or gradient accumulation): gradients must be accumulated block by block, not all at once."""
+    stack = make_stack(depth, torch.float32, dim=64, heads=4).train()
+    x = torch.randn(2, 256, 64, requires_grad=True)
+    for _ in range(2):
+        with MemoryTracker() as mem:
+            y1, y2 = stack(x, x)
+            (y1.sum() + y2.sum()).backward()
+    return mem.peak
+
+
+def test_existing_gradients_are_accumulated_in_place_block_by_block():
+    assert step_peak_with_existing_grads(16) / step_peak_with_existing_grads(4) <= 1.05

@@ -30,7 +30,7 @@ would be after ordinary autograd. In eval mode or without grad no custom Functio
 
 This module depends on torch only.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -127,22 +127,30 @@ class _Autocast:
             ctx.__exit__(*exc)
 
 
-def _vjp(fn, x, params, grad_out):
-    """Re-run ``fn(x)`` under autograd; return its output and the gradients of x and params."""
+def _recompute_backward(fn, x, params, grad_out):
+    """Re-run ``fn(x)`` under autograd and back-propagate ``grad_out`` through it.
+
+    Parameter gradients are accumulated into ``.grad`` right here, block by block (through the
+    usual AccumulateGrad, so hooks and DistributedDataParallel see them), rather than returned
+    at the end of the whole backward: that would hold a second copy of every gradient at once.
+
+    Returns:
+        The output (detached) and the gradient with respect to ``x``.
+    """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         out = fn(x)
-        grad_out = grad_out.to(out.dtype)  # under autocast F and G may return half precision
-        grads = torch.autograd.grad(out, (x, *params), grad_out, allow_unused=True)
-    return out.detach(), grads[0], grads[1:]
+        # Under autocast F and G may return half precision while the streams are fp32.
+        torch.autograd.backward(out, grad_out.to(out.dtype), inputs=[x, *params])
+    return out.detach(), x.grad
 
 
 class _ReversibleFunction(torch.autograd.Function):
     """Runs reversible blocks keeping only the last output; rebuilds the rest in backward.
 
-    ``params`` are the blocks' trainable parameters, passed as inputs so that autograd hands
-    their gradients to the usual accumulation (and to DistributedDataParallel's hooks), and so
-    that backward runs even when the streams themselves do not require grad.
+    ``params`` are the blocks' trainable parameters. They are inputs only so that backward runs
+    even when the streams do not require grad; their gradients are accumulated block by block
+    inside backward (see :func:`_recompute_backward`), so None is returned for them.
     """
 
     @staticmethod
@@ -163,30 +171,24 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy1, dy2):
         y1, y2 = ctx.saved_tensors
-        param_index = {id(p): i for i, p in enumerate(ctx.params)}
-        param_grads: List[Optional[torch.Tensor]] = [None] * len(ctx.params)
+        trainable = {id(p) for p in ctx.params}
         with _Autocast(ctx.autocast):
             for block, (rng_f, rng_g) in zip(reversed(ctx.blocks), reversed(ctx.rng)):
-                block_params = [p for p in block.parameters() if id(p) in param_index]
+                params = [p for p in block.parameters() if id(p) in trainable]
                 # Y2 = X2 + G(Y1): rebuild X2, and pass dY2 through G into dY1.
                 with rng_g.replay():
-                    g, dy1_g, dparams_g = _vjp(block.G, y1, block_params, dy2)
+                    g, dy1_g = _recompute_backward(block.G, y1, params, dy2)
                 x2 = y2 - g
                 dy1 = dy1 + dy1_g
                 # Y1 = X1 + F(X2): rebuild X1, and pass dY1 through F into dX2.
                 with rng_f.replay():
-                    f, dx2_f, dparams_f = _vjp(block.F, x2, block_params, dy1)
+                    f, dx2_f = _recompute_backward(block.F, x2, params, dy1)
                 x1 = y1 - f
                 dy2 = dy2 + dx2_f
-                for p, dg, df in zip(block_params, dparams_g, dparams_f):
-                    for d in (dg, df):
-                        if d is not None:
-                            i = param_index[id(p)]
-                            param_grads[i] = d if param_grads[i] is None else param_grads[i] + d
                 y1, y2 = x1, x2
         dx1 = dy1 if ctx.needs_input_grad[0] else None
         dx2 = dy2 if ctx.needs_input_grad[1] else None
-        return (dx1, dx2, None, *param_grads)
+        return (dx1, dx2, None) + (None,) * len(ctx.params)
 
 
 def _check_backprop(backprop: str) -> str:
