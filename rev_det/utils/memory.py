@@ -13,7 +13,7 @@ of its inputs is not new memory). Allocator caching and fragmentation are not mo
 :attr:`MemoryTracker.cuda_peak` reports ``torch.cuda.max_memory_allocated`` over the context too.
 """
 import weakref
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,26 +35,44 @@ class MemoryTracker(TorchDispatchMode):
             loss.backward()
         print(mem.peak / MiB)
 
+    Args:
+        grads_of: parameters whose gradients, once accumulated into ``.grad`` inside the
+            context, are counted as gradients rather than activations (see ``grads`` and
+            ``activation_peak``).
+
     Attributes:
         current (int): bytes of tracked storages alive now.
         peak (int): the largest ``current`` seen since entering (or :meth:`reset_peak`).
+        grads (int): bytes of ``.grad`` of ``grads_of`` created in the context and alive now.
+        activation_peak (int): the largest ``current - grads``: everything but parameter
+            gradients (saved activations, temporaries, gradients not yet accumulated).
         cuda_peak (int or None): on exit, ``torch.cuda.max_memory_allocated()`` over the context
             minus what was allocated on entry; None when CUDA is not in use.
     """
 
-    def __init__(self):
+    def __init__(self, grads_of: Iterable[torch.nn.Parameter] = ()):
         super().__init__()
         self.current = 0
         self.peak = 0
+        self.grads = 0
+        self.activation_peak = 0
         self.cuda_peak: Optional[int] = None
         self._live: Dict[int, int] = {}  # storage key -> bytes
+        self._grad_keys = set()
+        self._params = [p for p in grads_of if p.requires_grad]
+        self._hooks = []
         self._cuda_base = 0
 
     def reset_peak(self):
         self.peak = self.current
+        self.activation_peak = self.current - self.grads
 
     def _free(self, key: int):
-        self.current -= self._live.pop(key, 0)
+        nbytes = self._live.pop(key, 0)
+        self.current -= nbytes
+        if key in self._grad_keys:
+            self._grad_keys.discard(key)
+            self.grads -= nbytes
 
     def _track(self, storage: torch.UntypedStorage):
         key = storage._cdata
@@ -64,7 +82,14 @@ class MemoryTracker(TorchDispatchMode):
         self._live[key] = nbytes
         self.current += nbytes
         self.peak = max(self.peak, self.current)
+        self.activation_peak = max(self.activation_peak, self.current - self.grads)
         weakref.finalize(storage, self._free, key)
+
+    def _on_grad(self, param: torch.nn.Parameter):
+        key = param.grad.untyped_storage()._cdata
+        if key in self._live and key not in self._grad_keys:
+            self._grad_keys.add(key)
+            self.grads += self._live[key]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -85,12 +110,15 @@ class MemoryTracker(TorchDispatchMode):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._cuda_base = torch.cuda.memory_allocated()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
         return super().__enter__()
 
     def __exit__(self, *exc):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
             self.cuda_peak = torch.cuda.max_memory_allocated() - self._cuda_base
+        for hook in self._hooks:
+            hook.remove()
         return super().__exit__(*exc)
 
 
