@@ -3,7 +3,8 @@ from detectron2.config import CfgNode as CN
 
 __all__ = ["add_revdet_config", "PYRAMIDS", "check_choice"]
 
-PYRAMIDS = ("reversible", "simple")
+# RevViT (single scale): "reversible" or "simple"; RevMViT (multi-scale): "reversible" or "fpn".
+PYRAMIDS = ("reversible", "simple", "fpn")
 
 
 def add_revdet_config(cfg: CN) -> CN:
@@ -20,7 +21,9 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REV = CN()
     # "reversible" | "autograd" | "checkpoint": the same model, only memory and time differ.
     _c.MODEL.REV.BACKPROP = "reversible"
-    # "reversible" (ReversibleFeaturePyramid) | "simple" (ViTDet's SimpleFeaturePyramid).
+    # "reversible": rev_det's pyramid whose activations are rebuilt or recomputed in backward
+    # (ReversibleFeaturePyramid for RevViT, RecomputedFPN for RevMViT); "simple": ViTDet's
+    # SimpleFeaturePyramid (RevViT); "fpn": Detectron2's FPN, stored activations (RevMViT).
     _c.MODEL.REV.PYRAMID = "reversible"
     # Coupling blocks per level of the reversible pyramid.
     _c.MODEL.REV.PYRAMID_BLOCKS = 2
@@ -42,6 +45,22 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REVVIT.WINDOW_BLOCK_INDEXES = [0, 1, 3, 4, 6, 7, 9, 10]
     _c.MODEL.REVVIT.PRETRAIN_IMG_SIZE = 224
     _c.MODEL.REVVIT.PRETRAIN_USE_CLS_TOKEN = True
+
+    _c.MODEL.REVMVIT = CN()
+    _c.MODEL.REVMVIT.IMG_SIZE = 224  # the relative position tables' size (MViTv2 ImageNet)
+    _c.MODEL.REVMVIT.EMBED_DIM = 96
+    _c.MODEL.REVMVIT.DEPTH = 10
+    _c.MODEL.REVMVIT.NUM_HEADS = 1
+    _c.MODEL.REVMVIT.LAST_BLOCK_INDEXES = [0, 2, 7, 9]
+    _c.MODEL.REVMVIT.MLP_RATIO = 4.0
+    _c.MODEL.REVMVIT.QKV_BIAS = True
+    _c.MODEL.REVMVIT.DROP_PATH_RATE = 0.2
+    _c.MODEL.REVMVIT.ADAPTIVE_KV_STRIDE = 4
+    _c.MODEL.REVMVIT.ADAPTIVE_WINDOW_SIZE = 56
+    _c.MODEL.REVMVIT.RESIDUAL_POOLING = True
+    _c.MODEL.REVMVIT.USE_ABS_POS = False
+    _c.MODEL.REVMVIT.USE_REL_POS = True
+    _c.MODEL.REVMVIT.OUT_FEATURES = ["scale2", "scale3", "scale4", "scale5"]
 
     # AdamW with layer-wise lr decay (Detectron2 v0.6's yacs optimizer is SGD only); used by
     # rev_det.solver.build_optimizer when SOLVER.OPTIMIZER is "ADAMW".

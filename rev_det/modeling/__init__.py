@@ -1,17 +1,23 @@
 """rev_det's models. Importing this module registers the backbones in BACKBONE_REGISTRY."""
-from .backbone import build_pyramid, build_rev_vit_backbone, set_backprop
+from .backbone import build_pyramid, build_rev_mvit_backbone, build_rev_vit_backbone, set_backprop
+from .fpn import RecomputedFPN
 from .layers import LayerNorm2d, get_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
+from .rev_mvit import REVMVIT_SIZES, RevMViT
 from .rev_vit import REVVIT_SIZES, RevViT
 
 __all__ = [
     "RevViT",
     "REVVIT_SIZES",
+    "RevMViT",
+    "REVMVIT_SIZES",
+    "RecomputedFPN",
     "SimpleFeaturePyramid",
     "ReversibleFeaturePyramid",
     "LayerNorm2d",
     "get_norm",
     "build_rev_vit_backbone",
+    "build_rev_mvit_backbone",
     "build_pyramid",
     "set_backprop",
 ]

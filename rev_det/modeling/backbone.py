@@ -1,20 +1,28 @@
 """Detectron2 builders for rev_det's backbones (registered in BACKBONE_REGISTRY)."""
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from torch import nn
 
 from ..config import PYRAMIDS, check_choice
 from ..reversible import BACKPROP_MODES
+from .fpn import RecomputedFPN
+from .layers import resolve_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
+from .rev_mvit import RevMViT
 from .rev_vit import RevViT
 
-__all__ = ["build_rev_vit_backbone", "build_pyramid", "set_backprop"]
+__all__ = ["build_rev_vit_backbone", "build_rev_mvit_backbone", "build_pyramid", "set_backprop"]
 
 
 def build_pyramid(cfg, net: Backbone) -> Backbone:
     """Wrap a stride-16 reversible trunk in the pyramid that ``cfg.MODEL.REV.PYRAMID`` names."""
     kind = check_choice("MODEL.REV.PYRAMID", cfg.MODEL.REV.PYRAMID, PYRAMIDS)
+    if kind == "fpn":
+        raise ValueError(
+            "MODEL.REV.PYRAMID = 'fpn' needs a multi-scale trunk (RevMViT); RevViT is single-scale: "
+            "use 'reversible' or 'simple'."
+        )
     common = dict(
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         scale_factors=(4.0, 2.0, 1.0, 0.5),
@@ -62,3 +70,48 @@ def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         backprop=check_choice("MODEL.REV.BACKPROP", cfg.MODEL.REV.BACKPROP, BACKPROP_MODES),
     )
     return build_pyramid(cfg, net)
+
+
+@BACKBONE_REGISTRY.register()
+def build_rev_mvit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """RevMViT + FPN (p2-p6) from ``cfg.MODEL.REVMVIT`` and ``cfg.MODEL.REV``.
+
+    ``MODEL.REV.PYRAMID`` "fpn" is Detectron2's FPN; "reversible" the same FPN recomputed in
+    backward (:class:`RecomputedFPN`).
+    """
+    c = cfg.MODEL.REVMVIT
+    backprop = check_choice("MODEL.REV.BACKPROP", cfg.MODEL.REV.BACKPROP, BACKPROP_MODES)
+    net = RevMViT(
+        img_size=c.IMG_SIZE,
+        in_chans=input_shape.channels,
+        embed_dim=c.EMBED_DIM,
+        depth=c.DEPTH,
+        num_heads=c.NUM_HEADS,
+        last_block_indexes=tuple(c.LAST_BLOCK_INDEXES),
+        adaptive_kv_stride=c.ADAPTIVE_KV_STRIDE,
+        adaptive_window_size=c.ADAPTIVE_WINDOW_SIZE,
+        residual_pooling=c.RESIDUAL_POOLING,
+        mlp_ratio=c.MLP_RATIO,
+        qkv_bias=c.QKV_BIAS,
+        drop_path_rate=c.DROP_PATH_RATE,
+        use_abs_pos=c.USE_ABS_POS,
+        use_rel_pos=c.USE_REL_POS,
+        backprop=backprop,
+        out_features=tuple(c.OUT_FEATURES),
+    )
+    kind = check_choice("MODEL.REV.PYRAMID", cfg.MODEL.REV.PYRAMID, PYRAMIDS)
+    if kind == "simple":
+        raise ValueError(
+            "MODEL.REV.PYRAMID = 'simple' (ViTDet's single-scale pyramid) does not apply to "
+            "RevMViT, which is multi-scale: use 'reversible' or 'fpn'."
+        )
+    fpn_args = dict(
+        in_features=list(c.OUT_FEATURES),
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=resolve_norm(cfg.MODEL.FPN.NORM),
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+    if kind == "fpn":
+        return FPN(bottom_up=net, **fpn_args)
+    return RecomputedFPN(net, backprop=backprop, **fpn_args)

@@ -5,7 +5,7 @@ import torch
 from detectron2.layers import get_norm as d2_get_norm
 from torch import nn
 
-__all__ = ["LayerNorm2d", "get_norm"]
+__all__ = ["LayerNorm2d", "get_norm", "resolve_norm"]
 
 
 class LayerNorm2d(nn.Module):
@@ -36,3 +36,9 @@ def get_norm(norm: Union[str, Callable[[int], nn.Module], None], out_channels: i
     if norm == "LN":
         return LayerNorm2d(out_channels)
     return d2_get_norm(norm, out_channels)
+
+
+def resolve_norm(norm: Union[str, Callable[[int], nn.Module], None]):
+    """What to pass as ``norm`` to Detectron2's own layers (e.g. its FPN): "LN" becomes
+    :class:`LayerNorm2d`, which Detectron2 v0.6 does not know by name; anything else as is."""
+    return LayerNorm2d if norm == "LN" else norm
