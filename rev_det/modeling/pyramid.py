@@ -1,0 +1,259 @@
+"""Pyramid adapters from a stride-16 reversible trunk to the p2-p6 pyramid of Mask R-CNN.
+
+* :class:`SimpleFeaturePyramid`: ViTDet's adapter (the baseline of every comparison).
+* :class:`ReversibleFeaturePyramid`: the same outputs, with internal activations rebuilt or
+  recomputed in backward instead of stored.
+"""
+import logging
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling import Backbone
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import check_choice
+from ..reversible import BACKPROP_MODES, ReversibleBlock, reversible_sequence
+from .layers import get_norm
+
+__all__ = ["SimpleFeaturePyramid", "ReversibleFeaturePyramid"]
+
+logger = logging.getLogger(__name__)
+
+
+class _PyramidBase(Backbone):
+    """Names, strides and padding of a p2-p6 pyramid on a stride-16 trunk."""
+
+    def _init_outputs(self, net, scale_factors, out_channels, top_block, square_pad):
+        in_stride = net.output_shape()[net._out_features[0]].stride
+        strides = [int(in_stride / s) for s in scale_factors]
+        self._out_features = [f"p{int(math.log2(s))}" for s in strides]
+        self._out_feature_strides = dict(zip(self._out_features, strides))
+        self.top_block = top_block
+        if top_block is not None:
+            last = int(math.log2(strides[-1]))
+            for i in range(top_block.num_levels):
+                name = f"p{last + i + 1}"
+                self._out_features.append(name)
+                self._out_feature_strides[name] = 2 ** (last + i + 1)
+        self._out_feature_channels = {k: out_channels for k in self._out_features}
+        self._size_divisibility = max(self._out_feature_strides.values())
+        self._square_pad = square_pad
+
+    @property
+    def size_divisibility(self) -> int:
+        return self._size_divisibility
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        # Detectron2 main reads "size_divisibility" here (its own SimpleFeaturePyramid misspells
+        # the key, so only square padding enforces divisibility there).
+        return {"size_divisibility": self._size_divisibility, "square_size": self._square_pad}
+
+    def _with_top_block(self, results):
+        if self.top_block is not None:
+            results.extend(self.top_block(results[-1]))
+        return dict(zip(self._out_features, results))
+
+
+class SimpleFeaturePyramid(_PyramidBase):
+    """ViTDet's simple feature pyramid: deconvolutions / pooling from one stride-16 map.
+
+    Per scale factor: 4 -> ConvTranspose(C, C/2) + norm + GELU + ConvTranspose(C/2, C/4);
+    2 -> ConvTranspose(C, C/2); 1 -> nothing; 0.5 -> MaxPool 2; then 1x1 conv to
+    ``out_channels`` + norm and 3x3 conv + norm. Sub-modules are named ``simfp_{level}`` as in
+    ViTDet, so its checkpoints load by name.
+
+    Args:
+        net: the trunk (a Backbone with a stride-16 output ``in_feature``).
+        in_feature: name of the trunk output to use.
+        out_channels: channels of every output level.
+        scale_factors: resampling of the trunk output per level (stride 16 / factor).
+        top_block: extra coarser levels from the last one (e.g. LastLevelMaxPool for p6).
+        norm: "LN", a Detectron2 norm name, or a callable taking the channel count.
+        square_pad: pad inputs to a square of this size (0: pad to size_divisibility only).
+    """
+
+    def __init__(
+        self,
+        net: Backbone,
+        in_feature: str = "last_feat",
+        out_channels: int = 256,
+        scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+        top_block: Optional[nn.Module] = None,
+        norm="LN",
+        square_pad: int = 0,
+    ):
+        super().__init__()
+        self.net = net
+        self.in_feature = in_feature
+        self._init_outputs(net, scale_factors, out_channels, top_block, square_pad)
+        dim = net.output_shape()[in_feature].channels
+        self.stages = []
+        for scale, name in zip(scale_factors, self._out_features):
+            if scale == 4.0:
+                layers = [
+                    nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
+                    get_norm(norm, dim // 2),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2),
+                ]
+                width = dim // 4
+            elif scale == 2.0:
+                layers, width = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2
+            elif scale == 1.0:
+                layers, width = [], dim
+            elif scale == 0.5:
+                layers, width = [nn.MaxPool2d(2, stride=2)], dim
+            else:
+                raise ValueError(f"scale factor {scale} is not one of 4, 2, 1, 0.5")
+            layers += [
+                Conv2d(width, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels)),
+                Conv2d(
+                    out_channels,
+                    out_channels,
+                    3,
+                    padding=1,
+                    bias=not norm,
+                    norm=get_norm(norm, out_channels),
+                ),
+            ]
+            stage = nn.Sequential(*layers)
+            self.add_module(f"simfp_{name[1:]}", stage)
+            self.stages.append(stage)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        features = self.net(x)[self.in_feature]
+        return self._with_top_block([stage(features) for stage in self.stages])
+
+
+class _Coupling(ReversibleBlock):
+    """An additive coupling on two half-width maps: F and G are norm + 3x3 conv + GELU."""
+
+    def __init__(self, channels: int, norm):
+        super().__init__()
+        self.f_norm, self.f_conv = get_norm(norm, channels), nn.Conv2d(channels, channels, 3, 1, 1)
+        self.g_norm, self.g_conv = get_norm(norm, channels), nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def F(self, x):  # noqa: N802
+        return F.gelu(self.f_conv(self.f_norm(x)))
+
+    def G(self, x):  # noqa: N802
+        return F.gelu(self.g_conv(self.g_norm(x)))
+
+
+class _Level(nn.Module):
+    """One pyramid level from the trunk's two streams (see ReversibleFeaturePyramid)."""
+
+    def __init__(self, scale: float, dim: int, out_channels: int, num_blocks: int, norm):
+        super().__init__()
+        self.scale = scale
+        if scale >= 1:
+            factor = int(scale)
+            if dim % (factor * factor):
+                raise ValueError(
+                    f"the trunk width {dim} is not divisible by {factor * factor}: depth-to-space "
+                    f"by {factor} (scale factor {scale}) needs it."
+                )
+            width = dim // (factor * factor)
+        elif scale == 0.5:
+            width = dim * 4
+        else:
+            raise ValueError(f"scale factor {scale} is not one of 4, 2, 1, 0.5")
+        if out_channels % 2:
+            raise ValueError(f"out_channels {out_channels} must be even (two coupling streams).")
+        self.proj = Conv2d(2 * width, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels))
+        self.blocks = nn.ModuleList(_Coupling(out_channels // 2, norm) for _ in range(num_blocks))
+        self.norm = get_norm(norm, out_channels)
+
+    def _rescale(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale > 1:
+            return F.pixel_shuffle(x, int(self.scale))
+        if self.scale == 0.5:
+            return F.pixel_unshuffle(x, 2)
+        return x
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, backprop: str) -> torch.Tensor:
+        x = self.proj(torch.cat([self._rescale(x1), self._rescale(x2)], dim=1))
+        y1, y2 = reversible_sequence(list(self.blocks), *x.chunk(2, dim=1), backprop=backprop)
+        return self.norm(torch.cat([y1, y2], dim=1))
+
+
+class ReversibleFeaturePyramid(_PyramidBase):
+    """A p2-p6 pyramid whose internal activations are rebuilt or recomputed in backward.
+
+    It takes the trunk's two streams (``net.forward_streams``), not their fusion. Per level::
+
+        x1, x2 (C, stride 16)        kept anyway: the trunk's reversible output
+          | depth-to-space x4 / x2, identity, space-to-depth x2   (invertible, no parameters)
+        x1', x2' (C / s^2 each, stride 16 / s)
+          | concat, 1x1 conv + norm -> out_channels                 (recomputed)
+          | split in two halves -> N additive coupling blocks     (invertible: rebuilt)
+          |   y1 = h1 + F(h2), y2 = h2 + G(y1);  F, G = norm + 3x3 conv + GELU
+          | concat, norm                                           (recomputed)
+        p_level                      kept: the heads need it
+
+    In "reversible" and "checkpoint" modes every level is one recomputed unit
+    (``torch.utils.checkpoint``): between forward and backward it keeps nothing but its output,
+    since its input is the trunk's output, which the trunk keeps. When the level is re-run in
+    backward, its coupling blocks run through the reversible engine, so that working set too
+    stays at one block. Levels are recomputed one at a time. p6 is ``top_block`` on p5. In
+    "autograd" mode the same architecture stores every activation (the fair baseline).
+
+    Args:
+        net: the trunk: a Backbone with ``forward_streams(x) -> (x1, x2)``, each (B, C, H/16,
+            W/16), and ``backprop``.
+        out_channels: channels of every output level (even).
+        scale_factors: resampling per level (4, 2, 1, 0.5 give p2-p5).
+        num_blocks: coupling blocks per level.
+        top_block: extra coarser levels from the last one (e.g. LastLevelMaxPool for p6).
+        norm: "LN", a Detectron2 norm name, or a callable taking the channel count.
+        square_pad: pad inputs to a square of this size (0: pad to size_divisibility only).
+        backprop: "reversible", "autograd" or "checkpoint"; None follows ``net.backprop``.
+    """
+
+    def __init__(
+        self,
+        net: Backbone,
+        out_channels: int = 256,
+        scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+        num_blocks: int = 2,
+        top_block: Optional[nn.Module] = None,
+        norm="LN",
+        square_pad: int = 0,
+        backprop: Optional[str] = None,
+    ):
+        super().__init__()
+        if not hasattr(net, "forward_streams"):
+            raise TypeError(
+                f"{type(net).__name__} has no forward_streams(); the reversible pyramid needs a "
+                "two-stream trunk such as RevViT."
+            )
+        self.net = net
+        self._init_outputs(net, scale_factors, out_channels, top_block, square_pad)
+        dim = net.output_shape()[net._out_features[0]].channels // 2  # per stream
+        self.levels = nn.ModuleList(
+            _Level(s, dim, out_channels, num_blocks, norm) for s in scale_factors
+        )
+        self._backprop = None if backprop is None else check_choice("backprop", backprop, BACKPROP_MODES)
+
+    @property
+    def backprop(self) -> str:
+        return self._backprop or self.net.backprop
+
+    @backprop.setter
+    def backprop(self, mode: str):
+        self._backprop = check_choice("backprop", mode, BACKPROP_MODES)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        x1, x2 = self.net.forward_streams(x)
+        mode = self.backprop
+        recompute = mode != "autograd" and self.training and torch.is_grad_enabled()
+        results = [
+            checkpoint(level, x1, x2, mode, use_reentrant=False) if recompute else level(x1, x2, mode)
+            for level in self.levels
+        ]
+        return self._with_top_block(results)
