@@ -21,8 +21,12 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], None, None, self.eps)
-        return x.permute(0, 3, 1, 2) * self.weight[:, None, None] + self.bias[:, None, None]
+        # One fused op on a channels-last view: no extra (N, C, H, W) temporaries for the affine
+        # part; the result is a channels-last view, which convolutions take as it is.
+        x = nn.functional.layer_norm(
+            x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps
+        )
+        return x.permute(0, 3, 1, 2)
 
 
 def get_norm(norm: Union[str, Callable[[int], nn.Module], None], out_channels: int):

@@ -176,7 +176,10 @@ class _Level(nn.Module):
             return F.pixel_unshuffle(x, 2)
         return x
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, backprop: str) -> torch.Tensor:
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, fuse, backprop: str) -> torch.Tensor:
+        # The trunk's fusion (concat + LayerNorm) normalises the streams; recomputed per level
+        # rather than stored, since it is cheap at stride 16.
+        x1, x2 = fuse(x1, x2).chunk(2, dim=1)
         x = self.proj(torch.cat([self._rescale(x1), self._rescale(x2)], dim=1))
         y1, y2 = reversible_sequence(list(self.blocks), *x.chunk(2, dim=1), backprop=backprop)
         return self.norm(torch.cat([y1, y2], dim=1))
@@ -188,6 +191,7 @@ class ReversibleFeaturePyramid(_PyramidBase):
     It takes the trunk's two streams (``net.forward_streams``), not their fusion. Per level::
 
         x1, x2 (C, stride 16)        kept anyway: the trunk's reversible output
+          | the trunk's fusion (concat + LayerNorm over 2C), split back into halves (recomputed)
           | depth-to-space x4 / x2, identity, space-to-depth x2   (invertible, no parameters)
         x1', x2' (C / s^2 each, stride 16 / s)
           | concat, 1x1 conv + norm -> out_channels                 (recomputed)
@@ -205,7 +209,7 @@ class ReversibleFeaturePyramid(_PyramidBase):
 
     Args:
         net: the trunk: a Backbone with ``forward_streams(x) -> (x1, x2)``, each (B, C, H/16,
-            W/16), and ``backprop``.
+            W/16), ``fuse(x1, x2) -> (B, 2C, H/16, W/16)`` and ``backprop``.
         out_channels: channels of every output level (even).
         scale_factors: resampling per level (4, 2, 1, 0.5 give p2-p5).
         num_blocks: coupling blocks per level.
@@ -252,8 +256,11 @@ class ReversibleFeaturePyramid(_PyramidBase):
         x1, x2 = self.net.forward_streams(x)
         mode = self.backprop
         recompute = mode != "autograd" and self.training and torch.is_grad_enabled()
+        fuse = self.net.fuse
         results = [
-            checkpoint(level, x1, x2, mode, use_reentrant=False) if recompute else level(x1, x2, mode)
+            checkpoint(level, x1, x2, fuse, mode, use_reentrant=False)
+            if recompute
+            else level(x1, x2, fuse, mode)
             for level in self.levels
         ]
         return self._with_top_block(results)

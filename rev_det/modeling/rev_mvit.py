@@ -442,7 +442,7 @@ class RevMViT(Backbone):
         else:
             self.pos_embed = None
 
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         dim, heads = embed_dim, num_heads
         stride_kv, window = adaptive_kv_stride, adaptive_window_size
         grid = img_size // patch_stride[0]

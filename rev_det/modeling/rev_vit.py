@@ -232,7 +232,7 @@ class RevViT(Backbone):
             self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim))
         else:
             self.pos_embed = None
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         grid = (img_size // patch_size, img_size // patch_size)
         blocks = [
             RevViTBlock(
