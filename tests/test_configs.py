@@ -128,11 +128,15 @@ def test_backbone_gradients_equal_across_backprop_modes_float64():
         features = model(x)
         sum((i + 1) * f.square().mean() for i, f in enumerate(features.values())).backward()
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # Some gradients are sums that nearly cancel (a LayerNorm's input gradient sums to zero
+    # over its channels), so round-off is judged against the model's largest gradient.
+    scale = max(g.abs().max().item() for g in grads["autograd"].values())
     for mode in ("reversible", "checkpoint"):
         assert set(grads[mode]) == set(grads["autograd"])
         for name, ref in grads["autograd"].items():
-            # pos_embed's gradient (~1e-9) sums O(1) terms: an absolute floor for round-off.
-            torch.testing.assert_close(grads[mode][name], ref, rtol=1e-10, atol=1e-16, msg=name)
+            torch.testing.assert_close(
+                grads[mode][name], ref, rtol=1e-10, atol=1e-10 * scale, msg=f"{mode} {name}"
+            )
 
 
 def backbone_memory(pyramid, backprop, depth=12, size=512):
