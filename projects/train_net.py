@@ -10,6 +10,7 @@ The Detectron2 ``tools/train_net.py`` experience: ``--config-file``, ``--eval-on
     python projects/train_net.py --config-file configs/COCO/mask_rcnn_rev_vit_b.yaml \
         --num-gpus 8
 """
+
 import logging
 import os
 

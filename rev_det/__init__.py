@@ -4,6 +4,7 @@
 (``build_rev_vit_backbone``) and the embedded shapes datasets in DatasetCatalog; call
 ``add_revdet_config(cfg)`` before merging a yacs file that uses rev_det's keys.
 """
+
 try:
     import detectron2  # noqa: F401
 except ImportError as e:

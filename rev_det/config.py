@@ -1,4 +1,5 @@
 """rev_det's yacs config keys: ``add_revdet_config(cfg)`` adds them with their defaults."""
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_revdet_config", "PYRAMIDS", "check_choice"]
@@ -75,4 +76,3 @@ def check_choice(key: str, value: str, choices) -> str:
     if value not in choices:
         raise ValueError(f"{key} = {value!r} is not valid; choose one of {tuple(choices)}.")
     return value
-

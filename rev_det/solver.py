@@ -1,4 +1,5 @@
 """AdamW with layer-wise learning-rate decay for transformer trunks (the ViTDet/MViTv2 recipe)."""
+
 import logging
 import re
 from typing import Any, Dict, List, Optional
@@ -56,9 +57,7 @@ def get_optimizer_params(
     if num_layers is None:
         ids = [int(m.group(2)) for n, _ in named for m in [_BLOCK.search(n)] if m]
         num_layers = max(ids) + 1 if ids else 0
-    norm_params = {
-        id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters()
-    }
+    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters()}
     groups = []
     for name, p in named:
         scale = lr_decay_rate ** (num_layers + 1 - lr_decay_layer_id(name, num_layers))

@@ -1,4 +1,5 @@
 """Registration, shipped configs, the backbone + pyramid inside Mask R-CNN, and the optimizer."""
+
 import glob
 import os
 
@@ -6,14 +7,14 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
-from detectron2.structures import Boxes, BitMasks, ImageList, Instances
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
+from test_engine import rel_err
 
 import rev_det
 from rev_det.modeling import set_backprop
 from rev_det.solver import build_optimizer, get_optimizer_params
 from rev_det.utils.memory import MemoryTracker
-from test_engine import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YACS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "mask_rcnn_*.yaml"), recursive=True))
@@ -189,7 +190,9 @@ def test_adamw_layer_decay_and_no_decay_on_positions():
     depth = cfg.MODEL.REVVIT.DEPTH
     assert group_of[id(net.pos_embed)]["lr"] == pytest.approx(base * 0.5 ** (depth + 1))
     # blocks.1 is layer 2 of depth + 1
-    assert group_of[id(net.blocks[1].attn.qkv.weight)]["lr"] == pytest.approx(base * 0.5 ** (depth - 1))
+    assert group_of[id(net.blocks[1].attn.qkv.weight)]["lr"] == pytest.approx(
+        base * 0.5 ** (depth - 1)
+    )
     assert group_of[id(model.roi_heads.box_predictor.cls_score.weight)]["lr"] == pytest.approx(base)
     assert group_of[id(net.pos_embed)]["weight_decay"] == 0.0
     assert group_of[id(net.blocks[0].attn.rel_pos_h)]["weight_decay"] == 0.0

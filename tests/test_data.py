@@ -229,3 +229,12 @@ def test_ground_truth_scores_100_ap_in_coco_evaluator(shapes_registered, tmp_pat
     results = evaluator.evaluate()
     assert results["bbox"]["AP"] == pytest.approx(100.0, abs=1e-6)
     assert results["segm"]["AP"] == pytest.approx(100.0, abs=1e-6)
+
+
+def test_unspecified_size_reuses_an_intact_cache_of_any_size(tmp_path):
+    root = str(tmp_path)
+    dataset_dir = ensure_shapes_dataset(root, num_train=4, num_val=2)
+    manifest = os.path.join(dataset_dir, "MANIFEST.json")
+    before = os.stat(manifest).st_mtime_ns
+    assert ensure_shapes_dataset(root) == dataset_dir  # e.g. train_net.py on a test-sized cache
+    assert os.stat(manifest).st_mtime_ns == before

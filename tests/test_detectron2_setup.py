@@ -1,4 +1,5 @@
 """The Detectron2 that the set-up installs can build and train its stock Mask R-CNN on CPU."""
+
 import pytest
 import torch
 from detectron2 import model_zoo

@@ -1,4 +1,5 @@
 """The reversible engine: equal gradients in all backprop modes, RNG and autocast replay, memory."""
+
 import ast
 import pathlib
 
@@ -8,8 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from rev_det.reversible import BACKPROP_MODES, ReversibleBlock, ReversibleSequence
-from rev_det.reversible import engine
+from rev_det.reversible import BACKPROP_MODES, ReversibleBlock, ReversibleSequence, engine
 from rev_det.utils.memory import MemoryTracker
 
 

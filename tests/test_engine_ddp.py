@@ -1,13 +1,13 @@
 """The reversible Function inside DistributedDataParallel (gloo, 2 processes, CPU)."""
+
 import os
 import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel
-
 from test_engine import make_stack
+from torch.nn.parallel import DistributedDataParallel
 
 WORLD = 2
 

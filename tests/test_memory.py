@@ -1,4 +1,5 @@
 """The exact tensor-memory tracker."""
+
 import torch
 
 from rev_det.utils.memory import MemoryTracker

@@ -1,13 +1,14 @@
 """RevViT: gradients across backprop modes, flat memory in depth, attention, checkpoints, errors."""
+
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from test_engine import rel_err
 from torch import nn
 
 from rev_det.modeling.attention import attention_with_rel_pos, rel_pos_table
 from rev_det.modeling.rev_vit import RevViT
 from rev_det.utils.memory import MemoryTracker
-from test_engine import rel_err
 
 
 def tiny_rev_vit(depth=4, dim=32, heads=2, **kw):
@@ -39,7 +40,9 @@ def test_gradients_equal_across_backprop_modes_float64():
         x.grad = None
         torch.manual_seed(1)
         feat = model(x)["last_feat"]
-        (feat * torch.linspace(-1, 1, feat.shape[1], dtype=feat.dtype)[:, None, None]).sum().backward()
+        (
+            feat * torch.linspace(-1, 1, feat.shape[1], dtype=feat.dtype)[:, None, None]
+        ).sum().backward()
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
         grads[mode]["input"] = x.grad.clone()
     assert grads["autograd"]["blocks.1.attn.rel_pos_h"].abs().max() > 0

@@ -25,6 +25,7 @@ Example::
     python tools/benchmark.py --backbone rev_vit_b --size 1024 --batch 1
     python tools/benchmark.py --backbone rev_vit_l --size 1024 --sections detection
 """
+
 import argparse
 import json
 import os
@@ -119,12 +120,18 @@ def measure(step, params, device):
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        grads = sum(p.grad.numel() * p.grad.element_size() for p in model_params if p.grad is not None)
+        grads = sum(
+            p.grad.numel() * p.grad.element_size() for p in model_params if p.grad is not None
+        )
         peak = torch.cuda.max_memory_allocated() - base
         return {"peak": peak / MiB, "grads": grads / MiB, "activations": (peak - grads) / MiB}
     with MemoryTracker(grads_of=model_params) as mem:
         step()
-    return {"peak": mem.peak / MiB, "grads": mem.grads / MiB, "activations": mem.activation_peak / MiB}
+    return {
+        "peak": mem.peak / MiB,
+        "grads": mem.grads / MiB,
+        "activations": mem.activation_peak / MiB,
+    }
 
 
 def detection_step(model, batch, amp):
@@ -156,12 +163,19 @@ def run_detection(args, results):
         batch = synthetic_batch(args.size, args.batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, args.device)
         full = measure(detection_step(model, batch, args.amp), model.parameters(), args.device)
         images = model.preprocess_image(batch).tensor
-        trunk = measure(backbone_step(model.backbone, images, args.amp), model.backbone.parameters(), args.device)
+        trunk = measure(
+            backbone_step(model.backbone, images, args.amp),
+            model.backbone.parameters(),
+            args.device,
+        )
         row = dict(backprop=backprop, pyramid=pyramid, params=param_bytes(model) / MiB)
         row.update({f"step_{k}": v for k, v in full.items()})
         row.update({f"backbone_{k}": v for k, v in trunk.items()})
         rows.append(row)
-        print(f"  detection {backprop:10s} {pyramid:10s} step peak {full['peak']:9.1f} MiB", flush=True)
+        print(
+            f"  detection {backprop:10s} {pyramid:10s} step peak {full['peak']:9.1f} MiB",
+            flush=True,
+        )
         del model
     results["detection"] = rows
 
@@ -194,13 +208,20 @@ def run_depth(args, results):
             images = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
             mem = measure(backbone_step(model, images, args.amp), model.parameters(), args.device)
             rows.append(dict(backprop=mode, depth=depth, **mem))
-            print(f"  depth {mode:10s} {depth:3d} activations {mem['activations']:9.1f} MiB", flush=True)
+            print(
+                f"  depth {mode:10s} {depth:3d} activations {mem['activations']:9.1f} MiB",
+                flush=True,
+            )
     results["depth"] = rows
 
 
 def run_resolution(args, results):
     rows = []
-    for backprop, pyramid in (("autograd", "simple"), ("checkpoint", "simple"), ("reversible", "reversible")):
+    for backprop, pyramid in (
+        ("autograd", "simple"),
+        ("checkpoint", "simple"),
+        ("reversible", "reversible"),
+    ):
         for size in args.sizes:
             torch.manual_seed(0)
             cfg = detection_cfg(args.backbone, backprop, pyramid, args.device)
@@ -245,9 +266,17 @@ def run_classification(args, results):
             model = Classifier(*CLASSIFIERS[name], backprop=mode).to(args.device).train()
             images = torch.randn(args.cls_batch, 3, 224, 224, device=args.device)
             labels = torch.randint(0, 1000, (args.cls_batch,), device=args.device)
-            mem = measure(classification_step(model, images, labels, args.amp), model.parameters(), args.device)
+            mem = measure(
+                classification_step(model, images, labels, args.amp),
+                model.parameters(),
+                args.device,
+            )
             per_image = mem["activations"] / args.cls_batch
-            rows.append(dict(model=name, backprop=mode, batch=args.cls_batch, mib_per_image=per_image, **mem))
+            rows.append(
+                dict(
+                    model=name, backprop=mode, batch=args.cls_batch, mib_per_image=per_image, **mem
+                )
+            )
             print(f"  classification {name} {mode:10s} {per_image:8.2f} MiB/image", flush=True)
     results["classification"] = rows
 
@@ -292,7 +321,11 @@ def run_speed(args, results):
         print("  speed: skipped (CUDA only)")
         return
     rows = []
-    for backprop, pyramid in (("autograd", "simple"), ("checkpoint", "simple"), ("reversible", "reversible")):
+    for backprop, pyramid in (
+        ("autograd", "simple"),
+        ("checkpoint", "simple"),
+        ("reversible", "reversible"),
+    ):
         torch.manual_seed(0)
         cfg = detection_cfg(args.backbone, backprop, pyramid, "cuda")
         model = build_model(cfg).train()
@@ -311,7 +344,10 @@ def run_speed(args, results):
                 images_per_s_at_max=best / best_seconds if best else 0.0,
             )
         )  # fmt: skip
-        print(f"  speed {backprop:10s} {args.batch / seconds:7.2f} img/s, max batch {best}", flush=True)
+        print(
+            f"  speed {backprop:10s} {args.batch / seconds:7.2f} img/s, max batch {best}",
+            flush=True,
+        )
         del model
         torch.cuda.empty_cache()
     results["speed"] = rows
@@ -352,7 +388,12 @@ def write_report(args, results):
         ]
     if "depth" in results:
         rows = results["depth"]
-        md += ["## Trunk activation memory against depth", "", table(rows, ["backprop", "depth", "activations", "peak"]), ""]
+        md += [
+            "## Trunk activation memory against depth",
+            "",
+            table(rows, ["backprop", "depth", "activations", "peak"]),
+            "",
+        ]
         for mode in MODES:
             pts = [(r["depth"], r["activations"]) for r in rows if r["backprop"] == mode]
             if len(pts) > 1:
@@ -362,20 +403,60 @@ def write_report(args, results):
                     f" = {m1 / m0:.2f}x"
                 )
         md.append("")
-        plot(rows, "depth", "activations", "trunk activation memory (MiB)", os.path.join(args.out, "memory_vs_depth.png"))
+        plot(
+            rows,
+            "depth",
+            "activations",
+            "trunk activation memory (MiB)",
+            os.path.join(args.out, "memory_vs_depth.png"),
+        )
     if "resolution" in results:
         rows = results["resolution"]
-        md += ["## Training-step memory against resolution", "", table(rows, ["backprop", "pyramid", "size", "peak", "activations"]), ""]
-        plot(rows, "size", "peak", "step peak memory (MiB)", os.path.join(args.out, "memory_vs_resolution.png"))
+        md += [
+            "## Training-step memory against resolution",
+            "",
+            table(rows, ["backprop", "pyramid", "size", "peak", "activations"]),
+            "",
+        ]
+        plot(
+            rows,
+            "size",
+            "peak",
+            "step peak memory (MiB)",
+            os.path.join(args.out, "memory_vs_resolution.png"),
+        )
     if "classification" in results:
         rows = results["classification"]
-        md += ["## Classification at 224 (the paper's setting)", "", table(rows, ["model", "backprop", "batch", "mib_per_image"]), ""]
+        md += [
+            "## Classification at 224 (the paper's setting)",
+            "",
+            table(rows, ["model", "backprop", "batch", "mib_per_image"]),
+            "",
+        ]
         for name in args.classifiers:
             per = {r["backprop"]: r["mib_per_image"] for r in rows if r["model"] == name}
-            md.append(f"- {name}: reversible uses {per['autograd'] / per['reversible']:.1f}x less activation memory per image than autograd")
+            md.append(
+                f"- {name}: reversible uses {per['autograd'] / per['reversible']:.1f}x less activation memory per image than autograd"
+            )
         md.append("")
     if "speed" in results:
-        md += ["## Speed", "", table(results["speed"], ["backprop", "pyramid", "batch", "step_s", "images_per_s", "max_batch", "images_per_s_at_max"]), ""]
+        md += [
+            "## Speed",
+            "",
+            table(
+                results["speed"],
+                [
+                    "backprop",
+                    "pyramid",
+                    "batch",
+                    "step_s",
+                    "images_per_s",
+                    "max_batch",
+                    "images_per_s_at_max",
+                ],
+            ),
+            "",
+        ]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(md))
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -399,7 +480,9 @@ def plot(rows, x, y, ylabel, path):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="rev_vit_b")
     parser.add_argument("--size", type=int, default=1024, help="square input size of the detector")
     parser.add_argument("--batch", type=int, default=1, help="images per training step")
@@ -407,12 +490,18 @@ def parse_args(argv=None):
                         choices=["detection", "depth", "resolution", "classification", "speed"])  # fmt: skip
     parser.add_argument("--depths", type=int, nargs="+", default=[6, 12, 24, 48])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768, 1024])
-    parser.add_argument("--classifiers", nargs="+", choices=sorted(CLASSIFIERS), default=["vit_b", "vit_l"])
+    parser.add_argument(
+        "--classifiers", nargs="+", choices=sorted(CLASSIFIERS), default=["vit_b", "vit_l"]
+    )
     parser.add_argument("--cls-batch", type=int, default=8, help="batch of the classification runs")
-    parser.add_argument("--max-batch", type=int, default=512, help="upper limit of the batch search")
+    parser.add_argument(
+        "--max-batch", type=int, default=512, help="upper limit of the batch search"
+    )
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (fp32 otherwise)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="output folder (default benchmarks/<backbone>_<size>_<device>)")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default benchmarks/<backbone>_<size>_<device>)"
+    )
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = os.path.join(ROOT, "benchmarks", f"{args.backbone}_{args.size}_{args.device}")
@@ -424,7 +513,9 @@ def main(argv=None):
     results = {
         "machine": machine(),
         "torch": torch.__version__,
-        "command": " ".join(["python", "tools/benchmark.py"] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(
+            ["python", "tools/benchmark.py"] + (argv if argv is not None else sys.argv[1:])
+        ),
         "args": vars(args),
     }
     start = time.time()

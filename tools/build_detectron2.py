@@ -19,6 +19,7 @@ sources. This script turns it into a wheel named ``detectron2``:
 The wheel is cached (``--cache-dir``), so a second set-up installs it without rebuilding.
 Usage: ``python tools/build_detectron2.py [--cache-dir DIR]``; prints the wheel's path.
 """
+
 import argparse
 import hashlib
 import os

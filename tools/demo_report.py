@@ -11,6 +11,7 @@ Writes into the run's output directory:
 Usage: ``python tools/demo_report.py --config-file configs/demo/mask_rcnn_rev_vit_demo.yaml``
 (add ``KEY VALUE`` overrides as for train_net.py).
 """
+
 import argparse
 import json
 import os
@@ -59,7 +60,12 @@ def plot_losses(output_dir):
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in LOSSES:
         iters = [r["iteration"] for r in records if key in r]
-        ax.plot(iters, [r[key] for r in records if key in r], label=key, lw=2 if key == "total_loss" else 1)
+        ax.plot(
+            iters,
+            [r[key] for r in records if key in r],
+            label=key,
+            lw=2 if key == "total_loss" else 1,
+        )
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (median over the logging window)")
     ax.set_yscale("log")
@@ -84,7 +90,9 @@ def prediction_grid(cfg, output_dir, num_images=8, columns=4, cell=320):
     for record in DatasetCatalog.get(name)[:num_images]:
         image = read_image(record["file_name"], format="RGB")
         # DefaultPredictor takes images in cfg.INPUT.FORMAT order.
-        instances = predictor(image if cfg.INPUT.FORMAT == "RGB" else image[:, :, ::-1])["instances"]
+        instances = predictor(image if cfg.INPUT.FORMAT == "RGB" else image[:, :, ::-1])[
+            "instances"
+        ]
         instances = instances[instances.scores > 0.5].to("cpu")
         drawn = Visualizer(image, metadata).draw_instance_predictions(instances).get_image()
         canvas = Image.new("RGB", (cell, cell), (255, 255, 255))

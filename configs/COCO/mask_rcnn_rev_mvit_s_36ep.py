@@ -1,4 +1,5 @@
 """RevMViT-S Mask R-CNN on COCO (MViTv2 recipe), derived from the T config."""
+
 from .mask_rcnn_rev_mvit_t_36ep import dataloader, lr_multiplier, model, optimizer, train
 
 model.backbone.net.depth = 16

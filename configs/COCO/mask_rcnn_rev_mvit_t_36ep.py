@@ -1,5 +1,6 @@
 """RevMViT-T Mask R-CNN on COCO, MViTv2's recipe: multi-scale 480-800 training, AdamW 1.6e-4,
 36 epochs at batch 64. Train with projects/lazyconfig_train_net.py."""
+
 import detectron2.data.transforms as T
 import torch
 from detectron2 import model_zoo

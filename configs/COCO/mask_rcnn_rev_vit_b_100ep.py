@@ -1,5 +1,6 @@
 """RevViT-B Mask R-CNN on COCO, ViTDet's recipe: LSJ at 1024, AdamW with layer-wise lr decay,
 100 epochs at batch 64. Train with projects/lazyconfig_train_net.py."""
+
 import detectron2.data.transforms as T
 import torch
 from detectron2 import model_zoo

@@ -1,4 +1,5 @@
 """RevViT-L Mask R-CNN on COCO (ViTDet recipe), derived from the B config."""
+
 from .mask_rcnn_rev_vit_b_100ep import dataloader, lr_multiplier, model, optimizer, train
 
 model.backbone.net.embed_dim = 1024

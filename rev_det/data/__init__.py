@@ -1,4 +1,5 @@
 """Datasets shipped with rev_det: the synthetic COCO-format ``revdet_shapes``."""
+
 from typing import Iterable
 
 from .shapes import (

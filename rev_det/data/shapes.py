@@ -380,6 +380,9 @@ def _cache_problem(dataset_dir: str, params: dict) -> Optional[str]:
         found = {k: manifest[k] for k in params}
     except (ValueError, KeyError, TypeError) as e:
         return f"{manifest_path} is unreadable ({e!r})"
+    requested_sizes = params["num_images"]
+    if None in requested_sizes.values():  # any size is fine: compare the rest
+        params = dict(params, num_images=found["num_images"])
     if found != params:
         return f"cached parameters {found} differ from the requested {params}"
     for rel, entry in sorted(files.items()):
@@ -393,8 +396,14 @@ def _cache_problem(dataset_dir: str, params: dict) -> Optional[str]:
     return None
 
 
+DEFAULT_SIZES = {"train": 800, "val": 100}
+
+
 def ensure_shapes_dataset(
-    root: Optional[str] = None, num_train: int = 800, num_val: int = 100, seed: int = 0
+    root: Optional[str] = None,
+    num_train: Optional[int] = None,
+    num_val: Optional[int] = None,
+    seed: int = 0,
 ) -> str:
     """Make sure a complete, intact copy of the shapes dataset exists; generate it if not.
 
@@ -406,16 +415,16 @@ def ensure_shapes_dataset(
 
     Args:
         root: Datasets root; defaults to ``$DETECTRON2_DATASETS`` or ``datasets``.
-        num_train: Number of training images.
-        num_val: Number of validation images.
+        num_train: Number of training images. None accepts an intact cache of any size (e.g.
+            a smaller one made for tests) and generates 800 if there is none.
+        num_val: Number of validation images; None as for ``num_train`` (default 100).
         seed: Base seed; the same seed reproduces the same files byte for byte.
 
     Returns:
         The dataset directory, ``<root>/revdet_shapes``.
     """
     dataset_dir = shapes_dataset_dir(root)
-    params = _params(num_train, num_val, seed)
-    problem = _cache_problem(dataset_dir, params)
+    problem = _cache_problem(dataset_dir, _params(num_train, num_val, seed))
     if problem is None:
         logger.info("Using the cached revdet_shapes dataset in %s", dataset_dir)
         return dataset_dir
@@ -425,6 +434,9 @@ def ensure_shapes_dataset(
     else:
         logger.info("Generating the revdet_shapes dataset in %s", dataset_dir)
 
+    num_train = DEFAULT_SIZES["train"] if num_train is None else num_train
+    num_val = DEFAULT_SIZES["val"] if num_val is None else num_val
+    params = _params(num_train, num_val, seed)
     files: Dict[str, Tuple[int, str]] = {}
     for split, num_images in zip(_SPLITS, (num_train, num_val)):
         files.update(_generate_split(dataset_dir, split, num_images, seed))

@@ -1,4 +1,5 @@
 """rev_det's models. Importing this module registers the backbones in BACKBONE_REGISTRY."""
+
 from .backbone import build_pyramid, build_rev_mvit_backbone, build_rev_vit_backbone, set_backprop
 from .fpn import RecomputedFPN
 from .layers import LayerNorm2d, get_norm

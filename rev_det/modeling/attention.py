@@ -8,6 +8,7 @@ block at 1024x1024), so for large N it is folded into the dot product instead: e
 its row and column bias vectors appended, each key the one-hot of its row and column, and the
 softmax scale is applied to q beforehand. The fused kernels then see plain q, k, v.
 """
+
 import math
 from typing import Optional, Tuple
 

@@ -1,4 +1,5 @@
 """Detectron2 builders for rev_det's backbones (registered in BACKBONE_REGISTRY)."""
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool

@@ -1,4 +1,5 @@
 """Detectron2's FPN on a multi-scale reversible trunk, recomputed in backward instead of stored."""
+
 from typing import Dict
 
 import torch

@@ -1,4 +1,5 @@
 """Small layers that Detectron2 v0.6 lacks (Detectron2 main has equivalents)."""
+
 from typing import Callable, Union
 
 import torch

@@ -4,6 +4,7 @@
 * :class:`ReversibleFeaturePyramid`: the same outputs, with internal activations rebuilt or
   recomputed in backward instead of stored.
 """
+
 import logging
 import math
 from typing import Dict, Optional, Sequence
@@ -165,7 +166,9 @@ class _Level(nn.Module):
             raise ValueError(f"scale factor {scale} is not one of 4, 2, 1, 0.5")
         if out_channels % 2:
             raise ValueError(f"out_channels {out_channels} must be even (two coupling streams).")
-        self.proj = Conv2d(2 * width, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels))
+        self.proj = Conv2d(
+            2 * width, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels)
+        )
         self.blocks = nn.ModuleList(_Coupling(out_channels // 2, norm) for _ in range(num_blocks))
         self.norm = get_norm(norm, out_channels)
 
@@ -242,7 +245,9 @@ class ReversibleFeaturePyramid(_PyramidBase):
         self.levels = nn.ModuleList(
             _Level(s, dim, out_channels, num_blocks, norm) for s in scale_factors
         )
-        self._backprop = None if backprop is None else check_choice("backprop", backprop, BACKPROP_MODES)
+        self._backprop = (
+            None if backprop is None else check_choice("backprop", backprop, BACKPROP_MODES)
+        )
 
     @property
     def backprop(self) -> str:
@@ -258,9 +263,11 @@ class ReversibleFeaturePyramid(_PyramidBase):
         recompute = mode != "autograd" and self.training and torch.is_grad_enabled()
         fuse = self.net.fuse
         results = [
-            checkpoint(level, x1, x2, fuse, mode, use_reentrant=False)
-            if recompute
-            else level(x1, x2, fuse, mode)
+            (
+                checkpoint(level, x1, x2, fuse, mode, use_reentrant=False)
+                if recompute
+                else level(x1, x2, fuse, mode)
+            )
             for level in self.levels
         ]
         return self._with_top_block(results)

@@ -1,4 +1,5 @@
 """RevViT: the ViTDet plain backbone made reversible (Mangalam et al., CVPR 2022)."""
+
 import logging
 from functools import partial
 from typing import Dict, Optional, Sequence, Tuple

@@ -30,6 +30,7 @@ would be after ordinary autograd. In eval mode or without grad no custom Functio
 
 This module depends on torch only.
 """
+
 from typing import List, Sequence, Tuple
 
 import torch

@@ -12,6 +12,7 @@ views, and in-place updates of existing tensors (an operator output that shares 
 of its inputs is not new memory). Allocator caching and fragmentation are not modelled; on CUDA,
 :attr:`MemoryTracker.cuda_peak` reports ``torch.cuda.max_memory_allocated`` over the context too.
 """
+
 import weakref
 from typing import Dict, Iterable, Optional
 

@@ -1,0 +1,93 @@
+"""LazyConfig twin of mask_rcnn_rev_vit_demo.yaml: a small RevViT Mask R-CNN trained from
+scratch on the embedded shapes dataset, on CPU (projects/lazyconfig_train_net.py)."""
+
+import detectron2.data.transforms as T
+import torch
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.solver import WarmupParamScheduler
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from rev_det.modeling import LayerNorm2d, ReversibleFeaturePyramid, RevViT
+from rev_det.solver import get_optimizer_params
+from rev_det.utils import detectron2_has_compiled_ops
+
+model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+model.backbone = L(ReversibleFeaturePyramid)(
+    net=L(RevViT)(
+        img_size=256,
+        embed_dim=192,
+        depth=6,
+        num_heads=3,
+        drop_path_rate=0.0,
+        window_size=8,
+        window_block_indexes=[0, 1, 3, 4],  # global attention in 2 and 5
+        use_abs_pos=True,
+        use_rel_pos=True,
+        pretrain_img_size=256,
+        pretrain_use_cls_token=False,
+        backprop="reversible",
+    ),
+    out_channels=64,
+    num_blocks=1,
+    top_block=L(LastLevelMaxPool)(),
+    norm="LN",
+)
+model.pixel_mean = [123.675, 116.28, 103.53]
+model.pixel_std = [58.395, 57.12, 57.375]
+model.input_format = "RGB"
+model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
+model.proposal_generator.pre_nms_topk = (1000, 500)
+model.proposal_generator.post_nms_topk = (300, 200)
+model.proposal_generator.batch_size_per_image = 128
+model.roi_heads.num_classes = 6
+model.roi_heads.batch_size_per_image = 64
+model.roi_heads.box_head.conv_dims = []
+model.roi_heads.box_head.fc_dims = [256, 256]
+model.roi_heads.box_pooler.sampling_ratio = 2
+model.roi_heads.mask_head.conv_dims = [64, 64]
+model.roi_heads.mask_head.conv_norm = LayerNorm2d
+model.roi_heads.mask_pooler.sampling_ratio = 2
+model.roi_heads.box_predictor.test_topk_per_image = 50
+
+dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+dataloader.train.dataset.names = "revdet_shapes_train"
+dataloader.train.mapper.augmentations = [
+    L(T.ResizeShortestEdge)(short_edge_length=(192, 224, 256), sample_style="choice", max_size=352),
+    L(T.RandomFlip)(horizontal=True),
+]
+dataloader.train.mapper.image_format = "RGB"
+dataloader.train.mapper.instance_mask_format = "bitmask"  # the shapes dataset stores RLE
+dataloader.train.total_batch_size = 4
+dataloader.train.num_workers = 1
+dataloader.test.dataset.names = "revdet_shapes_val"
+dataloader.test.mapper.augmentations = [
+    L(T.ResizeShortestEdge)(short_edge_length=224, max_size=352)
+]
+dataloader.test.num_workers = 1
+dataloader.evaluator.use_fast_impl = detectron2_has_compiled_ops()
+
+train = model_zoo.get_config("common/train.py").train
+train.device = "cpu"
+train.max_iter = 1500
+train.amp.enabled = False
+train.seed = 42
+train.checkpointer.period = 500
+train.output_dir = "output/demo_lazy"
+train.init_checkpoint = ""
+
+optimizer = L(torch.optim.AdamW)(
+    params=L(get_optimizer_params)(base_lr="${..lr}", weight_decay="${..weight_decay}"),
+    lr=4e-4,
+    betas=(0.9, 0.999),
+    weight_decay=0.05,
+)
+
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(
+        values=[1.0, 0.1, 0.01], milestones=[1200, 1400], num_updates=train.max_iter
+    ),
+    warmup_length=100 / train.max_iter,
+    warmup_factor=0.001,
+)

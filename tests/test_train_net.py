@@ -1,0 +1,160 @@
+"""End to end through projects/train_net.py and projects/lazyconfig_train_net.py on CPU."""
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rev_det.data import ensure_shapes_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_YAML = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
+DEMO_LAZY = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.py")
+
+# The demo, shrunk to seconds per run: a 2-block trunk, small images, few iterations.
+TINY_YACS = [
+    "MODEL.REVVIT.EMBED_DIM", "64", "MODEL.REVVIT.DEPTH", "2",
+    "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", "[0]", "MODEL.FPN.OUT_CHANNELS", "32",
+    "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "5",
+    "SOLVER.STEPS", "(1000,)", "SOLVER.CHECKPOINT_PERIOD", "20",
+    "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "20",
+]  # fmt: skip
+TINY_LAZY = [
+    "model.backbone.net.embed_dim=64", "model.backbone.net.depth=2",
+    "model.backbone.net.window_block_indexes=[0]", "model.backbone.out_channels=32",
+    "dataloader.train.mapper.augmentations.0.short_edge_length=[160]",
+    "dataloader.test.mapper.augmentations.0.short_edge_length=160",
+    "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+    "dataloader.test.num_workers=0", "optimizer.lr=0.001",
+    "lr_multiplier.scheduler.milestones=[1000]", "lr_multiplier.scheduler.values=[1.0,0.1]",
+    "lr_multiplier.warmup_length=0.1", "train.checkpointer.period=20", "train.eval_period=0",
+]  # fmt: skip
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def datasets_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("datasets"))
+    ensure_shapes_dataset(root, num_train=24, num_val=6)
+    return root
+
+
+def run(script, args, datasets_root):
+    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "projects", script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def copypaste_ap(log):
+    """{"bbox": AP, "segm": AP} from Detectron2's 'copypaste' result lines (the last ones)."""
+    found = {}
+    for task, values in re.findall(
+        r"copypaste: Task: (\w+)\n.*copypaste: AP,.*\n.*copypaste: ([\d.,na]+)", log
+    ):
+        found[task] = float(values.split(",")[0])
+    return found
+
+
+def losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [(r["iteration"], r["total_loss"]) for r in records if "total_loss" in r]
+
+
+@pytest.mark.parametrize("entry", ["yacs", "lazy"])
+def test_train_resume_evaluate_and_eval_only(entry, datasets_root, tmp_path):
+    out = str(tmp_path / "out")
+    if entry == "yacs":
+        script, cfg = "train_net.py", ["--config-file", DEMO_YAML]
+
+        def opts(max_iter, **extra):
+            return TINY_YACS + ["SOLVER.MAX_ITER", str(max_iter), "OUTPUT_DIR", out]
+
+    else:
+        script, cfg = "lazyconfig_train_net.py", ["--config-file", DEMO_LAZY]
+
+        def opts(max_iter, **extra):
+            return TINY_LAZY + [f"train.max_iter={max_iter}", f"train.output_dir={out}"]
+
+    first = run(script, cfg + opts(40), datasets_root)
+    record = losses(out)
+    assert [i for i, _ in record] == [19, 39]
+    assert record[-1][1] < record[0][1]  # the training loss falls
+    trained = copypaste_ap(first)
+    assert set(trained) == {"bbox", "segm"}, first[-2000:]
+    assert os.path.isfile(os.path.join(out, "model_final.pth"))
+    assert os.path.isfile(os.path.join(out, "coco_instances_results.json")) or os.path.isfile(
+        os.path.join(out, "inference", "coco_instances_results.json")
+    )
+
+    # --resume continues from the last checkpoint (iteration 40) up to the new max_iter.
+    resumed = run(script, cfg + ["--resume"] + opts(60), datasets_root)
+    assert "Starting training from iteration 40" in resumed
+    assert [i for i, _ in losses(out)] == [19, 39, 59]
+
+    # --eval-only reloads the final weights and reproduces the AP of the end of training.
+    weights = os.path.join(out, "model_final.pth")
+    if entry == "yacs":
+        evaluated = run(
+            script, cfg + ["--eval-only"] + opts(60) + ["MODEL.WEIGHTS", weights], datasets_root
+        )
+    else:
+        evaluated = run(
+            script,
+            cfg + ["--eval-only"] + opts(60) + [f"train.init_checkpoint={weights}"],
+            datasets_root,
+        )
+    assert copypaste_ap(evaluated) == copypaste_ap(resumed)
+
+
+def test_demo_reversible_and_autograd_losses_agree_for_20_iterations():
+    """The demo config, same seed, same weights, same batches: only the backprop differs."""
+    from detectron2.data import build_detection_train_loader
+    from detectron2.utils.events import EventStorage
+    from test_configs import yacs_cfg
+
+    from rev_det.modeling import set_backprop
+    from rev_det.solver import build_optimizer
+
+    datasets_root = os.environ.get("DETECTRON2_DATASETS", "datasets")
+    ensure_shapes_dataset(datasets_root)
+    cfg = yacs_cfg(DEMO_YAML, "DATALOADER.NUM_WORKERS", 0, "SEED", 42)
+    torch.manual_seed(cfg.SEED)
+    loader = iter(build_detection_train_loader(cfg))
+    batches = [next(loader) for _ in range(20)]
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    initial = copy.deepcopy(model.state_dict())
+    history = {}
+    for mode in ("autograd", "reversible"):
+        model.load_state_dict(initial)
+        set_backprop(model, mode)
+        optimizer = build_optimizer(cfg, model)
+        torch.manual_seed(1)
+        history[mode] = []
+        with EventStorage():
+            for batch in batches:
+                loss = sum(model(batch).values())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                history[mode].append(loss.item())
+    for a, r in zip(history["autograd"], history["reversible"]):
+        assert abs(a - r) <= 1e-3 * abs(a), (history["autograd"], history["reversible"])
