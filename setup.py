@@ -16,6 +16,8 @@ setup(
         "matplotlib",
         "tqdm",
         "Pillow",
+        # Detectron2's Visualizer (prediction pictures) imports cv2; v0.6 does not require it.
+        "opencv-python-headless",
     ],
     extras_require={"dev": ["pytest", "black", "isort"]},
 )

@@ -15,6 +15,7 @@ from rev_det.data import ensure_shapes_dataset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_YAML = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
 DEMO_LAZY = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.py")
+DEMO_MVIT = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.yaml")
 
 # The demo, shrunk to seconds per run: a 2-block trunk, small images, few iterations.
 TINY_YACS = [
@@ -158,3 +159,12 @@ def test_demo_reversible_and_autograd_losses_agree_for_20_iterations():
                 history[mode].append(loss.item())
     for a, r in zip(history["autograd"], history["reversible"]):
         assert abs(a - r) <= 1e-3 * abs(a), (history["autograd"], history["reversible"])
+
+
+def test_rev_mvit_demo_trains_and_evaluates_through_train_net(datasets_root, tmp_path):
+    out = str(tmp_path / "out")
+    opts = ["SOLVER.MAX_ITER", "20", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
+    opts += ["INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160", "OUTPUT_DIR", out]
+    log = run("train_net.py", ["--config-file", DEMO_MVIT] + opts, datasets_root)
+    assert "RevMViT" in log
+    assert set(copypaste_ap(log)) == {"bbox", "segm"}

@@ -79,10 +79,11 @@ def machine() -> str:
     return f"CPU: {cpu} ({os.cpu_count()} cores)"
 
 
-def detection_cfg(backbone, backprop, pyramid, device):
+def detection_cfg(args, backprop, pyramid, device):
     cfg = get_cfg()
     rev_det.add_revdet_config(cfg)
-    cfg.merge_from_file(BACKBONES[backbone])
+    cfg.merge_from_file(BACKBONES[args.backbone])
+    cfg.merge_from_list(args.opts)
     cfg.MODEL.DEVICE = device
     cfg.MODEL.REV.BACKPROP = backprop
     cfg.MODEL.REV.PYRAMID = pyramid
@@ -158,7 +159,7 @@ def run_detection(args, results):
     rows = []
     for backprop, pyramid in DETECTION_RUNS:
         torch.manual_seed(0)
-        cfg = detection_cfg(args.backbone, backprop, pyramid, args.device)
+        cfg = detection_cfg(args, backprop, pyramid, args.device)
         model = build_model(cfg).train()
         batch = synthetic_batch(args.size, args.batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, args.device)
         full = measure(detection_step(model, batch, args.amp), model.parameters(), args.device)
@@ -181,7 +182,7 @@ def run_detection(args, results):
 
 
 def trunk_model(args, depth, backprop):
-    cfg = detection_cfg(args.backbone, backprop, "reversible", "meta")
+    cfg = detection_cfg(args, backprop, "reversible", "meta")
     if not args.backbone.startswith("rev_vit"):
         raise SystemExit("--sections depth is implemented for RevViT trunks")
     c = cfg.MODEL.REVVIT
@@ -224,7 +225,7 @@ def run_resolution(args, results):
     ):
         for size in args.sizes:
             torch.manual_seed(0)
-            cfg = detection_cfg(args.backbone, backprop, pyramid, args.device)
+            cfg = detection_cfg(args, backprop, pyramid, args.device)
             model = build_model(cfg).train()
             batch = synthetic_batch(size, args.batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, args.device)
             mem = measure(detection_step(model, batch, args.amp), model.parameters(), args.device)
@@ -327,7 +328,7 @@ def run_speed(args, results):
         ("reversible", "reversible"),
     ):
         torch.manual_seed(0)
-        cfg = detection_cfg(args.backbone, backprop, pyramid, "cuda")
+        cfg = detection_cfg(args, backprop, pyramid, "cuda")
         model = build_model(cfg).train()
 
         def make_step(batch, model=model, cfg=cfg):
@@ -499,6 +500,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (fp32 otherwise)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--opts", nargs="+", default=[], help="KEY VALUE config overrides")
     parser.add_argument(
         "--out", default=None, help="output folder (default benchmarks/<backbone>_<size>_<device>)"
     )

@@ -151,39 +151,30 @@ class _Level(nn.Module):
 
     def __init__(self, scale: float, dim: int, out_channels: int, num_blocks: int, norm):
         super().__init__()
-        self.scale = scale
-        if scale >= 1:
-            factor = int(scale)
-            if dim % (factor * factor):
-                raise ValueError(
-                    f"the trunk width {dim} is not divisible by {factor * factor}: depth-to-space "
-                    f"by {factor} (scale factor {scale}) needs it."
-                )
-            width = dim // (factor * factor)
-        elif scale == 0.5:
-            width = dim * 4
-        else:
-            raise ValueError(f"scale factor {scale} is not one of 4, 2, 1, 0.5")
         if out_channels % 2:
             raise ValueError(f"out_channels {out_channels} must be even (two coupling streams).")
-        self.proj = Conv2d(
-            2 * width, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels)
-        )
+        # Learned resampling of the fused 2C map: a 1x1 conv at the coarser resolution and a
+        # depth-to-space (together a transposed conv with kernel = stride = s, as ViTDet's
+        # deconvolutions), or a space-to-depth and a 1x1 conv for downsampling.
+        if scale in (4.0, 2.0, 1.0):
+            factor = int(scale)
+            self.resample = nn.Sequential(
+                nn.Conv2d(2 * dim, out_channels * factor * factor, 1), nn.PixelShuffle(factor)
+            )
+        elif scale == 0.5:
+            self.resample = nn.Sequential(
+                nn.PixelUnshuffle(2), nn.Conv2d(8 * dim, out_channels, 1)
+            )
+        else:
+            raise ValueError(f"scale factor {scale} is not one of 4, 2, 1, 0.5")
+        self.resample_norm = get_norm(norm, out_channels)
         self.blocks = nn.ModuleList(_Coupling(out_channels // 2, norm) for _ in range(num_blocks))
         self.norm = get_norm(norm, out_channels)
-
-    def _rescale(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale > 1:
-            return F.pixel_shuffle(x, int(self.scale))
-        if self.scale == 0.5:
-            return F.pixel_unshuffle(x, 2)
-        return x
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, fuse, backprop: str) -> torch.Tensor:
         # The trunk's fusion (concat + LayerNorm) normalises the streams; recomputed per level
         # rather than stored, since it is cheap at stride 16.
-        x1, x2 = fuse(x1, x2).chunk(2, dim=1)
-        x = self.proj(torch.cat([self._rescale(x1), self._rescale(x2)], dim=1))
+        x = self.resample_norm(self.resample(fuse(x1, x2)))
         y1, y2 = reversible_sequence(list(self.blocks), *x.chunk(2, dim=1), backprop=backprop)
         return self.norm(torch.cat([y1, y2], dim=1))
 
@@ -194,14 +185,14 @@ class ReversibleFeaturePyramid(_PyramidBase):
     It takes the trunk's two streams (``net.forward_streams``), not their fusion. Per level::
 
         x1, x2 (C, stride 16)        kept anyway: the trunk's reversible output
-          | the trunk's fusion (concat + LayerNorm over 2C), split back into halves (recomputed)
-          | depth-to-space x4 / x2, identity, space-to-depth x2   (invertible, no parameters)
-        x1', x2' (C / s^2 each, stride 16 / s)
-          | concat, 1x1 conv + norm -> out_channels                 (recomputed)
-          | split in two halves -> N additive coupling blocks     (invertible: rebuilt)
+          | the trunk's fusion: concat + LayerNorm over 2C           (recomputed)
+          | 1x1 conv to s^2 D + depth-to-space (s = 4, 2, 1),       (recomputed)
+          |   or space-to-depth + 1x1 conv to D (s = 0.5); norm
+        h (D channels, stride 16 / s)
+          | two halves -> N additive coupling blocks               (invertible: rebuilt)
           |   y1 = h1 + F(h2), y2 = h2 + G(y1);  F, G = norm + 3x3 conv + GELU
           | concat, norm                                           (recomputed)
-        p_level                      kept: the heads need it
+        p_level (D channels)         kept: the heads need it
 
     In "reversible" and "checkpoint" modes every level is one recomputed unit
     (``torch.utils.checkpoint``): between forward and backward it keeps nothing but its output,
