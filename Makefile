@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
+DEMO_CONFIG := configs/demo/mask_rcnn_rev_vit_demo.yaml
+
 .PHONY: setup test demo format
 
 setup: $(STAMP)
@@ -14,6 +16,12 @@ $(STAMP): setup.py tools/setup_env.sh tools/build_detectron2.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# Train the demo from scratch on CPU, evaluate it (COCO tables), then draw its pictures and
+# measure its memory per backprop mode; everything lands in output/demo/.
+demo: $(STAMP)
+	$(PY) projects/train_net.py --config-file $(DEMO_CONFIG)
+	$(PY) tools/demo_report.py --config-file $(DEMO_CONFIG)
 
 format: $(STAMP)
 	$(PY) -m isort --profile black -l 100 rev_det tests tools projects configs

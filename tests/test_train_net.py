@@ -19,7 +19,7 @@ DEMO_MVIT = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.yaml"
 
 # The demo, shrunk to seconds per run: a 2-block trunk, small images, few iterations.
 TINY_YACS = [
-    "MODEL.REVVIT.EMBED_DIM", "64", "MODEL.REVVIT.DEPTH", "2",
+    "MODEL.REVVIT.EMBED_DIM", "96", "MODEL.REVVIT.DEPTH", "2",
     "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", "[0]", "MODEL.FPN.OUT_CHANNELS", "32",
     "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160",
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "5",
@@ -27,13 +27,13 @@ TINY_YACS = [
     "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "20",
 ]  # fmt: skip
 TINY_LAZY = [
-    "model.backbone.net.embed_dim=64", "model.backbone.net.depth=2",
+    "model.backbone.net.embed_dim=96", "model.backbone.net.depth=2",
     "model.backbone.net.window_block_indexes=[0]", "model.backbone.out_channels=32",
     "dataloader.train.mapper.augmentations.0.short_edge_length=[160]",
     "dataloader.test.mapper.augmentations.0.short_edge_length=160",
     "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
     "dataloader.test.num_workers=0", "optimizer.lr=0.001",
-    "lr_multiplier.scheduler.milestones=[1000]", "lr_multiplier.scheduler.values=[1.0,0.1]",
+    "lr_multiplier.scheduler.milestones=[30]", "lr_multiplier.scheduler.values=[1.0,0.1]",
     "lr_multiplier.warmup_length=0.1", "train.checkpointer.period=20", "train.eval_period=0",
 ]  # fmt: skip
 

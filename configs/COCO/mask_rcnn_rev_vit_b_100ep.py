@@ -76,7 +76,7 @@ optimizer = L(torch.optim.AdamW)(
 
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[163889, 177546], num_updates=train.max_iter
+        values=[1.0, 0.1, 0.01], milestones=[163889, 177546], num_updates="${train.max_iter}"
     ),
     warmup_length=250 / train.max_iter,
     warmup_factor=0.001,

@@ -5,6 +5,7 @@ import detectron2.data.transforms as T
 import torch
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
@@ -37,6 +38,14 @@ model.backbone = L(ReversibleFeaturePyramid)(
 model.pixel_mean = [123.675, 116.28, 103.53]
 model.pixel_std = [58.395, 57.12, 57.375]
 model.input_format = "RGB"
+# Detectron2's common config assumes 256-channel features; follow the pyramid's width instead.
+model.proposal_generator.head.in_channels = "${...backbone.out_channels}"
+model.roi_heads.box_head.input_shape = L(ShapeSpec)(
+    channels="${....backbone.out_channels}", height=7, width=7
+)
+model.roi_heads.mask_head.input_shape = L(ShapeSpec)(
+    channels="${....backbone.out_channels}", height=14, width=14
+)
 model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
 model.proposal_generator.pre_nms_topk = (1000, 500)
 model.proposal_generator.post_nms_topk = (300, 200)
@@ -45,6 +54,7 @@ model.roi_heads.num_classes = 6
 model.roi_heads.batch_size_per_image = 64
 model.roi_heads.box_head.conv_dims = []
 model.roi_heads.box_head.fc_dims = [256, 256]
+model.roi_heads.box_predictor.input_shape = L(ShapeSpec)(channels=256)  # the last fc
 model.roi_heads.box_pooler.sampling_ratio = 2
 model.roi_heads.mask_head.conv_dims = [64, 64]
 model.roi_heads.mask_head.conv_norm = LayerNorm2d
@@ -86,7 +96,7 @@ optimizer = L(torch.optim.AdamW)(
 
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[400, 470], num_updates=train.max_iter
+        values=[1.0, 0.1, 0.01], milestones=[400, 470], num_updates="${train.max_iter}"
     ),
     warmup_length=50 / train.max_iter,
     warmup_factor=0.001,
