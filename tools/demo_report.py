@@ -41,6 +41,7 @@ from rev_det.data import prepare_datasets  # noqa: E402
 from rev_det.modeling import set_backprop  # noqa: E402
 from rev_det.utils import MiB, training_step_peak  # noqa: E402
 
+SCORE_THRESHOLD = 0.3  # predictions drawn in the grid
 LOSSES = ("total_loss", "loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc")
 
 
@@ -93,7 +94,7 @@ def prediction_grid(cfg, output_dir, num_images=8, columns=4, cell=320):
         instances = predictor(image if cfg.INPUT.FORMAT == "RGB" else image[:, :, ::-1])[
             "instances"
         ]
-        instances = instances[instances.scores > 0.5].to("cpu")
+        instances = instances[instances.scores > SCORE_THRESHOLD].to("cpu")
         drawn = Visualizer(image, metadata).draw_instance_predictions(instances).get_image()
         canvas = Image.new("RGB", (cell, cell), (255, 255, 255))
         tile = Image.fromarray(drawn)

@@ -23,6 +23,8 @@ __all__ = [
     "window_partition",
     "window_unpartition",
     "resize_abs_pos",
+    "init_vit_weights",
+    "check_image",
 ]
 
 
@@ -149,3 +151,43 @@ def resize_abs_pos(pos_embed: torch.Tensor, has_cls_token: bool, hw: Tuple[int, 
         grid = F.interpolate(grid.permute(0, 3, 1, 2), size=hw, mode="bicubic", align_corners=False)
         grid = grid.permute(0, 2, 3, 1)
     return grid
+
+
+def init_vit_weights(model: nn.Module, pos_embed: Optional[torch.Tensor] = None):
+    """ViT initialisation: truncated normal (std 0.02) for linear layers and position
+    embeddings, zero biases, unit LayerNorms."""
+    if pos_embed is not None:
+        nn.init.trunc_normal_(pos_embed, std=0.02)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def check_image(x: torch.Tensor, in_chans: int, divisor: int, owner: str, what: str):
+    """Raise a ValueError that names the problem and the fix for a batch a trunk cannot take.
+
+    Args:
+        x: the (B, C, H, W) batch.
+        in_chans: the channels the trunk expects.
+        divisor: H and W must be positive multiples of it.
+        owner: the trunk's name, for the message.
+        what: what ``divisor`` is, for the message (e.g. "the patch size").
+    """
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            f"{owner} expects images of shape (B, {in_chans}, H, W), got {tuple(x.shape)}; "
+            f"convert grayscale/RGBA images to {in_chans} channels (Detectron2: INPUT.FORMAT "
+            "and MODEL.PIXEL_MEAN/PIXEL_STD)."
+        )
+    h, w = x.shape[-2:]
+    if h < divisor or w < divisor or h % divisor or w % divisor:
+        raise ValueError(
+            f"{owner} needs H and W to be positive multiples of {what}{divisor}, got {h}x{w}; "
+            "pad the images to a multiple of the backbone's size_divisibility, as Detectron2's "
+            "models do."
+        )

@@ -162,9 +162,7 @@ class _Level(nn.Module):
                 nn.Conv2d(2 * dim, out_channels * factor * factor, 1), nn.PixelShuffle(factor)
             )
         elif scale == 0.5:
-            self.resample = nn.Sequential(
-                nn.PixelUnshuffle(2), nn.Conv2d(8 * dim, out_channels, 1)
-            )
+            self.resample = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(8 * dim, out_channels, 1))
         else:
             raise ValueError(f"scale factor {scale} is not one of 4, 2, 1, 0.5")
         self.resample_norm = get_norm(norm, out_channels)

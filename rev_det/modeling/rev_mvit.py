@@ -15,6 +15,8 @@ from ..reversible import BACKPROP_MODES, ReversibleBlock, reversible_sequence
 from .attention import (
     Mlp,
     attention_with_rel_pos,
+    check_image,
+    init_vit_weights,
     resize_abs_pos,
     window_partition,
     window_unpartition,
@@ -487,7 +489,7 @@ class RevMViT(Backbone):
                 self._out_feature_channels[name] = channels
                 self._out_feature_strides[name] = patch_stride[0] * _Q_STRIDE**stage
                 self.add_module(f"{name}_norm", norm_layer(channels))
-        self._init_weights()
+        init_vit_weights(self, self.pos_embed)
         logger.info(
             "RevMViT: %d blocks, stage transitions (recomputed) at %s, the rest "
             "reversible; backprop=%r.",
@@ -495,18 +497,6 @@ class RevMViT(Backbone):
             [i + 1 for i in last[:-1]],
             backprop,
         )
-
-    def _init_weights(self):
-        if self.pos_embed is not None:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     @property
     def backprop(self) -> str:
@@ -524,22 +514,6 @@ class RevMViT(Backbone):
     def padding_constraints(self) -> Dict[str, int]:
         return {"size_divisibility": self._size_divisibility}
 
-    def _check_input(self, x: torch.Tensor):
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"RevMViT expects images of shape (B, {self.in_chans}, H, W), got "
-                f"{tuple(x.shape)}; convert grayscale/RGBA images to {self.in_chans} channels "
-                "(Detectron2: INPUT.FORMAT and MODEL.PIXEL_MEAN/PIXEL_STD)."
-            )
-        h, w = x.shape[-2:]
-        d = self._size_divisibility
-        if h < d or w < d or h % d or w % d:
-            raise ValueError(
-                f"RevMViT needs H and W to be positive multiples of {d} (its coarsest stride), "
-                f"got {h}x{w}; pad the images to a multiple of the backbone's "
-                f"size_divisibility ({d}), as Detectron2's models do."
-            )
-
     def _transition(self, block: StageTransitionBlock, x: torch.Tensor) -> torch.Tensor:
         # A transition is not invertible, but its input (the fused stage output) is kept
         # anyway, so recomputing it in backward costs no memory: stored, the transitions
@@ -549,7 +523,7 @@ class RevMViT(Backbone):
         return block(x)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        self._check_input(x)
+        check_image(x, self.in_chans, self._size_divisibility, "RevMViT", "")
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + resize_abs_pos(self.pos_embed, self.pretrain_use_cls_token, x.shape[1:3])

@@ -14,6 +14,8 @@ from ..reversible import ReversibleBlock, ReversibleSequence
 from .attention import (
     Mlp,
     attention_with_rel_pos,
+    check_image,
+    init_vit_weights,
     resize_abs_pos,
     window_partition,
     window_unpartition,
@@ -256,19 +258,7 @@ class RevViT(Backbone):
         self._out_features = [out_feature]
         self._out_feature_channels = {out_feature: 2 * embed_dim}
         self._out_feature_strides = {out_feature: patch_size}
-        self._init_weights()
-
-    def _init_weights(self):
-        if self.pos_embed is not None:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_vit_weights(self, self.pos_embed)
 
     @property
     def backprop(self) -> str:
@@ -282,25 +272,9 @@ class RevViT(Backbone):
     def size_divisibility(self) -> int:
         return self.patch_size
 
-    def _check_input(self, x: torch.Tensor):
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"RevViT expects images of shape (B, {self.in_chans}, H, W), got "
-                f"{tuple(x.shape)}; convert grayscale/RGBA images to {self.in_chans} channels "
-                "(Detectron2: INPUT.FORMAT and MODEL.PIXEL_MEAN/PIXEL_STD)."
-            )
-        h, w = x.shape[-2:]
-        p = self.patch_size
-        if h < p or w < p or h % p or w % p:
-            raise ValueError(
-                f"RevViT needs H and W to be positive multiples of the patch size {p}, got "
-                f"{h}x{w}; pad the images (the pyramid's size_divisibility does this in "
-                "Detectron2's models)."
-            )
-
     def forward_streams(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The two streams after the last block, each (B, C, H / p, W / p)."""
-        self._check_input(x)
+        check_image(x, self.in_chans, self.patch_size, "RevViT", "the patch size ")
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + resize_abs_pos(self.pos_embed, self.pretrain_use_cls_token, x.shape[1:3])
