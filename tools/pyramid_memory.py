@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Memory of the pyramid adapters alone on a ViT trunk's output (exact tracker, CPU).
+
+Feeds fixed two-stream trunk outputs (created before measuring, so they are not counted) to
+ViTDet's SimpleFeaturePyramid (on the fused 2C map) and to ReversibleFeaturePyramid, and
+reports what each keeps between forward and backward ("stored") and the peak of forward +
+backward, with frozen weights (parameter gradients excluded).
+
+Usage: ``python tools/pyramid_memory.py --size 1024 --dim 768``
+"""
+import argparse
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from torch import nn
+
+from rev_det.modeling import ReversibleFeaturePyramid, SimpleFeaturePyramid
+from rev_det.utils import MemoryTracker, MiB
+
+
+class FixedStreams(Backbone):
+    """A stand-in trunk returning given streams (as RevViT's forward_streams/fuse would)."""
+
+    def __init__(self, x1, x2, backprop):
+        super().__init__()
+        self.x1, self.x2, self.backprop = x1, x2, backprop
+        self.norm = nn.LayerNorm(2 * x1.shape[1])
+        self._out_features = ["last_feat"]
+
+    def forward_streams(self, images):
+        return self.x1, self.x2
+
+    def fuse(self, x1, x2):
+        return self.norm(torch.cat([x1, x2], 1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward(self, images):
+        return {"last_feat": self.fuse(self.x1, self.x2)}
+
+    def output_shape(self):
+        return {"last_feat": ShapeSpec(channels=2 * self.x1.shape[1], stride=16)}
+
+
+def measure(pyramid):
+    pyramid.train().requires_grad_(False)
+    with MemoryTracker() as mem:
+        outputs = pyramid(None)
+        stored = mem.current
+        sum(o.sum() for o in outputs.values()).backward()
+    return stored / MiB, mem.peak / MiB
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=1024, help="image size (stride-16 trunk)")
+    parser.add_argument("--dim", type=int, default=768, help="width C of each stream")
+    parser.add_argument("--out-channels", type=int, default=256)
+    args = parser.parse_args()
+    n = args.size // 16
+    x1 = torch.randn(1, args.dim, n, n, requires_grad=True)
+    x2 = torch.randn(1, args.dim, n, n, requires_grad=True)
+    common = dict(out_channels=args.out_channels, top_block=LastLevelMaxPool(), norm="LN")
+    rows = {
+        "SimpleFeaturePyramid (autograd)": measure(
+            SimpleFeaturePyramid(FixedStreams(x1, x2, "autograd"), **common)
+        ),
+        "ReversibleFeaturePyramid (autograd)": measure(
+            ReversibleFeaturePyramid(FixedStreams(x1, x2, "autograd"), **common)
+        ),
+        "ReversibleFeaturePyramid (reversible)": measure(
+            ReversibleFeaturePyramid(FixedStreams(x1, x2, "reversible"), **common)
+        ),
+    }
+    base = rows["SimpleFeaturePyramid (autograd)"][0]
+    print(f"| pyramid, {args.size}x{args.size}, C={args.dim} | stored MiB | vs simple | peak MiB |")
+    print("|---|---|---|---|")
+    for name, (stored, peak) in rows.items():
+        print(f"| {name} | {stored:.1f} | {100 * stored / base:.0f}% | {peak:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
