@@ -1,4 +1,5 @@
 """tools/benchmark.py on a tiny model: every mode in the table, and the memory ordering."""
+
 import os
 import sys
 

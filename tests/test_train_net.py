@@ -161,10 +161,21 @@ def test_demo_reversible_and_autograd_losses_agree_for_20_iterations():
         assert abs(a - r) <= 1e-3 * abs(a), (history["autograd"], history["reversible"])
 
 
-def test_rev_mvit_demo_trains_and_evaluates_through_train_net(datasets_root, tmp_path):
+@pytest.mark.parametrize("entry", ["yacs", "lazy"])
+def test_rev_mvit_demo_trains_and_evaluates(entry, datasets_root, tmp_path):
     out = str(tmp_path / "out")
-    opts = ["SOLVER.MAX_ITER", "20", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
-    opts += ["INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160", "OUTPUT_DIR", out]
-    log = run("train_net.py", ["--config-file", DEMO_MVIT] + opts, datasets_root)
+    if entry == "yacs":
+        script, cfg = "train_net.py", ["--config-file", DEMO_MVIT]
+        opts = ["SOLVER.MAX_ITER", "20", "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", out]
+        opts += ["INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160"]
+        opts += ["DATALOADER.NUM_WORKERS", "0"]
+    else:
+        script, cfg = "lazyconfig_train_net.py", [
+            "--config-file",
+            DEMO_MVIT.replace(".yaml", ".py"),
+        ]
+        opts = [o for o in TINY_LAZY if not o.startswith("model.")]
+        opts += ["train.max_iter=40", f"train.output_dir={out}"]
+    log = run(script, cfg + opts, datasets_root)
     assert "RevMViT" in log
     assert set(copypaste_ap(log)) == {"bbox", "segm"}
