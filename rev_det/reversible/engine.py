@@ -31,6 +31,7 @@ would be after ordinary autograd. In eval mode or without grad no custom Functio
 This module depends on torch only.
 """
 
+import contextlib
 from typing import List, Sequence, Tuple
 
 import torch
@@ -80,23 +81,13 @@ class _RngState:
         self.cpu = torch.get_rng_state()
         self.devices, self.cuda = get_device_states(*tensors)
 
+    @contextlib.contextmanager
     def replay(self):
         """A context in which the generators are as captured; outside it they are untouched."""
-        return _ReplayRng(self)
-
-
-class _ReplayRng:
-    def __init__(self, state: _RngState):
-        self.state = state
-        self.fork = torch.random.fork_rng(devices=state.devices)
-
-    def __enter__(self):
-        self.fork.__enter__()
-        torch.set_rng_state(self.state.cpu)
-        set_device_states(self.state.devices, self.state.cuda)
-
-    def __exit__(self, *exc):
-        return self.fork.__exit__(*exc)
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            set_device_states(self.devices, self.cuda)
+            yield
 
 
 def _autocast_states() -> List[Tuple[str, bool, torch.dtype]]:
@@ -113,19 +104,13 @@ def _autocast_states() -> List[Tuple[str, bool, torch.dtype]]:
     return states
 
 
-class _Autocast:
-    """Re-enters the autocast states recorded by :func:`_autocast_states`."""
-
-    def __init__(self, states):
-        self.contexts = [torch.autocast(d, dtype=t, enabled=e) for d, e, t in states]
-
-    def __enter__(self):
-        for ctx in self.contexts:
-            ctx.__enter__()
-
-    def __exit__(self, *exc):
-        for ctx in reversed(self.contexts):
-            ctx.__exit__(*exc)
+@contextlib.contextmanager
+def _replay_autocast(states):
+    """Re-enter the autocast states recorded by :func:`_autocast_states`."""
+    with contextlib.ExitStack() as stack:
+        for device_type, enabled, dtype in states:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+        yield
 
 
 def _recompute_backward(fn, x, params, grad_out):
@@ -173,7 +158,7 @@ class _ReversibleFunction(torch.autograd.Function):
     def backward(ctx, dy1, dy2):
         y1, y2 = ctx.saved_tensors
         trainable = {id(p) for p in ctx.params}
-        with _Autocast(ctx.autocast):
+        with _replay_autocast(ctx.autocast):
             for block, (rng_f, rng_g) in zip(reversed(ctx.blocks), reversed(ctx.rng)):
                 params = [p for p in block.parameters() if id(p) in trainable]
                 # Y2 = X2 + G(Y1): rebuild X2, and pass dY2 through G into dY1.
