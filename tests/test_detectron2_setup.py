@@ -35,3 +35,13 @@ def test_compiled_ops_placeholder_names_the_op():
 
     with pytest.raises(ImportError, match=r"_C\.nms_rotated .*built from source"):
         _C.nms_rotated
+
+
+def test_import_without_detectron2_says_how_to_install_it():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['detectron2'] = None; import rev_det"  # hide Detectron2
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "rev_det needs Detectron2" in proc.stderr and "make setup" in proc.stderr
