@@ -35,3 +35,16 @@ def test_backward_and_gradient_split():
     assert mem.grads == weight_and_bias  # lin.weight.grad and lin.bias.grad
     assert mem.current == MB + weight_and_bias  # x.grad and the parameter gradients
     assert mem.current - mem.grads == MB  # x.grad is not a parameter gradient
+
+
+def test_tracker_does_not_keep_the_measured_model_alive():
+    import gc
+    import weakref
+
+    lin = torch.nn.Linear(64, 64)
+    with MemoryTracker(grads_of=lin.parameters()):
+        lin(torch.randn(8, 64)).sum().backward()
+    alive = weakref.ref(lin)
+    del lin
+    gc.collect()
+    assert alive() is None

@@ -120,6 +120,9 @@ class MemoryTracker(TorchDispatchMode):
             self.cuda_peak = torch.cuda.max_memory_allocated() - self._cuda_base
         for hook in self._hooks:
             hook.remove()
+        # The finalizers of still-alive storages (e.g. the .grad of these parameters) reference
+        # this tracker; holding the parameters here would keep their model alive forever.
+        self._hooks, self._params = [], []
         return super().__exit__(*exc)
 
 
