@@ -221,3 +221,13 @@ def test_optimizer_params_infer_depth_from_block_names():
     groups = get_optimizer_params(model, base_lr=1.0, lr_decay_rate=0.5)
     lrs = sorted({g["lr"] for g in groups})
     assert lrs == [0.5**k for k in range(tiny_cfg().MODEL.REVVIT.DEPTH + 1, -1, -1)]
+
+
+def test_lr_decay_treats_only_trunk_blocks_as_depth():
+    from rev_det.solver import lr_decay_layer_id
+
+    model = build_model(tiny_cfg())
+    depth = tiny_cfg().MODEL.REVVIT.DEPTH
+    for name, _ in model.named_parameters():
+        if not name.startswith(("backbone.net.", "backbone.net")):
+            assert lr_decay_layer_id(name, depth) == depth + 1, name

@@ -166,14 +166,17 @@ class _Level(nn.Module):
         else:
             raise ValueError(f"scale factor {scale} is not one of 4, 2, 1, 0.5")
         self.resample_norm = get_norm(norm, out_channels)
-        self.blocks = nn.ModuleList(_Coupling(out_channels // 2, norm) for _ in range(num_blocks))
+        # Not "blocks": layer-wise lr decay reads "blocks.{i}" as trunk depth.
+        self.couplings = nn.ModuleList(
+            _Coupling(out_channels // 2, norm) for _ in range(num_blocks)
+        )
         self.norm = get_norm(norm, out_channels)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, fuse, backprop: str) -> torch.Tensor:
         # The trunk's fusion (concat + LayerNorm) normalises the streams; recomputed per level
         # rather than stored, since it is cheap at stride 16.
         x = self.resample_norm(self.resample(fuse(x1, x2)))
-        y1, y2 = reversible_sequence(list(self.blocks), *x.chunk(2, dim=1), backprop=backprop)
+        y1, y2 = reversible_sequence(list(self.couplings), *x.chunk(2, dim=1), backprop=backprop)
         return self.norm(torch.cat([y1, y2], dim=1))
 
 
