@@ -164,14 +164,15 @@ class _ReversibleFunction(torch.autograd.Function):
                 # Y2 = X2 + G(Y1): rebuild X2, and pass dY2 through G into dY1.
                 with rng_g.replay():
                     g, dy1_g = _recompute_backward(block.G, y1, params, dy2)
-                x2 = y2 - g
+                y2 = y2 - g  # now X2
                 dy1 = dy1 + dy1_g
+                del g, dy1_g  # free before F is re-run: one block's working set at a time
                 # Y1 = X1 + F(X2): rebuild X1, and pass dY1 through F into dX2.
                 with rng_f.replay():
-                    f, dx2_f = _recompute_backward(block.F, x2, params, dy1)
-                x1 = y1 - f
+                    f, dx2_f = _recompute_backward(block.F, y2, params, dy1)
+                y1 = y1 - f  # now X1
                 dy2 = dy2 + dx2_f
-                y1, y2 = x1, x2
+                del f, dx2_f
         dx1 = dy1 if ctx.needs_input_grad[0] else None
         dx2 = dy2 if ctx.needs_input_grad[1] else None
         return (dx1, dx2, None) + (None,) * len(ctx.params)
