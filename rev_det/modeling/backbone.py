@@ -3,6 +3,7 @@
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from PIL import Image
 from torch import nn
 
 from ..config import PYRAMIDS, check_choice
@@ -36,6 +37,32 @@ def build_pyramid(cfg, net: Backbone) -> Backbone:
     return ReversibleFeaturePyramid(net, num_blocks=cfg.MODEL.REV.PYRAMID_BLOCKS, **common)
 
 
+def _check_input_format(cfg, channels: int):
+    """Raise if the images ``cfg.INPUT.FORMAT`` reads cannot feed a ``channels``-channel model.
+
+    Detectron2's DatasetMapper converts every file to INPUT.FORMAT (under "RGB" an RGBA or
+    grayscale PNG becomes RGB), and GeneralizedRCNN normalises by MODEL.PIXEL_MEAN/PIXEL_STD,
+    whose length is the model's channel count. A one-channel image is broadcast over the means,
+    which equals converting it to RGB first; any other mismatch would only stop at the first
+    image, in that normalisation, with a tensor shape error.
+    """
+    fmt = cfg.INPUT.FORMAT
+    try:
+        # Detectron2 reads BGR and YUV-BT.601 through RGB; every other format is a PIL mode.
+        bands = 3 if fmt in ("BGR", "YUV-BT.601") else Image.getmodebands(fmt)
+    except KeyError:
+        raise ValueError(
+            f"INPUT.FORMAT = {fmt!r} is not an image format Detectron2 reads; use 'RGB', 'BGR', "
+            "'YUV-BT.601' or a PIL mode such as 'L'."
+        ) from None
+    if bands not in (1, channels):
+        raise ValueError(
+            f"INPUT.FORMAT = {fmt!r} gives {bands}-channel images but the model takes {channels} "
+            "(the length of MODEL.PIXEL_MEAN); set INPUT.FORMAT to 'RGB' (Detectron2 converts "
+            f"RGBA and grayscale files to it) or give MODEL.PIXEL_MEAN/PIXEL_STD {bands} values."
+        )
+
+
 def set_backprop(model: nn.Module, mode: str) -> nn.Module:
     """Switch every reversible part of ``model`` (trunks and pyramids) to backprop ``mode``.
 
@@ -51,6 +78,7 @@ def set_backprop(model: nn.Module, mode: str) -> nn.Module:
 @BACKBONE_REGISTRY.register()
 def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """RevViT + pyramid adapter (p2-p6) from ``cfg.MODEL.REVVIT`` and ``cfg.MODEL.REV``."""
+    _check_input_format(cfg, input_shape.channels)
     c = cfg.MODEL.REVVIT
     net = RevViT(
         img_size=c.IMG_SIZE,
@@ -80,6 +108,13 @@ def build_rev_mvit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     ``MODEL.REV.PYRAMID`` "fpn" is Detectron2's FPN; "reversible" the same FPN recomputed in
     backward (:class:`RecomputedFPN`).
     """
+    _check_input_format(cfg, input_shape.channels)
+    if cfg.MODEL.REV.SQUARE_PAD:
+        raise ValueError(
+            "MODEL.REV.SQUARE_PAD applies to RevViT's pyramids (a fixed square grid for its "
+            "absolute position embeddings); RevMViT's FPN pads to its size divisibility only: "
+            "set MODEL.REV.SQUARE_PAD to 0."
+        )
     c = cfg.MODEL.REVMVIT
     backprop = check_choice("MODEL.REV.BACKPROP", cfg.MODEL.REV.BACKPROP, BACKPROP_MODES)
     net = RevMViT(

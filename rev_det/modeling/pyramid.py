@@ -54,6 +54,21 @@ class _PyramidBase(Backbone):
         # the key, so only square padding enforces divisibility there).
         return {"size_divisibility": self._size_divisibility, "square_size": self._square_pad}
 
+    def _pad_to_square(self, x: torch.Tensor) -> torch.Tensor:
+        # Detectron2 v0.6 pads batches to size_divisibility only (it has no padding_constraints),
+        # so square padding is done here; under Detectron2 main the batch arrives square.
+        if not self._square_pad:
+            return x
+        side = -(-self._square_pad // self._size_divisibility) * self._size_divisibility
+        h, w = x.shape[-2:]
+        if h > side or w > side:
+            raise ValueError(
+                f"a batch padded to {h}x{w} does not fit square_pad {self._square_pad}; resize "
+                f"images to at most {self._square_pad} pixels a side (INPUT.MAX_SIZE_TRAIN/TEST) "
+                "or set square_pad to 0 (MODEL.REV.SQUARE_PAD)."
+            )
+        return F.pad(x, (0, side - w, 0, side - h))  # zeros, as ImageList pads
+
     def _with_top_block(self, results):
         if self.top_block is not None:
             results.extend(self.top_block(results[-1]))
@@ -75,7 +90,8 @@ class SimpleFeaturePyramid(_PyramidBase):
         scale_factors: resampling of the trunk output per level (stride 16 / factor).
         top_block: extra coarser levels from the last one (e.g. LastLevelMaxPool for p6).
         norm: "LN", a Detectron2 norm name, or a callable taking the channel count.
-        square_pad: pad inputs to a square of this size (0: pad to size_divisibility only).
+        square_pad: pad inputs to a square of this size, rounded up to size_divisibility (0: pad
+            to size_divisibility only). Inputs larger than it are an error.
     """
 
     def __init__(
@@ -127,7 +143,7 @@ class SimpleFeaturePyramid(_PyramidBase):
             self.stages.append(stage)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        features = self.net(x)[self.in_feature]
+        features = self.net(self._pad_to_square(x))[self.in_feature]
         return self._with_top_block([stage(features) for stage in self.stages])
 
 
@@ -210,7 +226,8 @@ class ReversibleFeaturePyramid(_PyramidBase):
         num_blocks: coupling blocks per level.
         top_block: extra coarser levels from the last one (e.g. LastLevelMaxPool for p6).
         norm: "LN", a Detectron2 norm name, or a callable taking the channel count.
-        square_pad: pad inputs to a square of this size (0: pad to size_divisibility only).
+        square_pad: pad inputs to a square of this size, rounded up to size_divisibility (0: pad
+            to size_divisibility only). Inputs larger than it are an error.
         backprop: "reversible", "autograd" or "checkpoint"; None follows ``net.backprop``.
     """
 
@@ -250,7 +267,7 @@ class ReversibleFeaturePyramid(_PyramidBase):
         self._backprop = check_choice("backprop", mode, BACKPROP_MODES)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        x1, x2 = self.net.forward_streams(x)
+        x1, x2 = self.net.forward_streams(self._pad_to_square(x))
         mode = self.backprop
         recompute = mode != "autograd" and self.training and torch.is_grad_enabled()
         fuse = self.net.fuse

@@ -140,7 +140,9 @@ class PoolingAttention(nn.Module):
         if window_size and (window_size % stride_q or window_size % stride_kv):
             raise ValueError(
                 f"window size {window_size} is not divisible by the query stride {stride_q} and "
-                f"the key/value stride {stride_kv}; query and key windows would not align."
+                f"the key/value stride {stride_kv}; query and key windows would not align. RevMViT "
+                "halves its window at every stage: make adaptive_window_size a multiple of 8 and "
+                "of adaptive_kv_stride."
             )
         self.num_heads = num_heads
         head_dim = dim_out // num_heads

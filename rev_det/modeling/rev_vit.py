@@ -219,7 +219,8 @@ class RevViT(Backbone):
         bad = [i for i in window_block_indexes if not 0 <= i < depth]
         if bad:
             raise ValueError(
-                f"window_block_indexes {bad} are outside the {depth} blocks (0..{depth - 1})."
+                f"window_block_indexes {bad} are outside the {depth} blocks (0..{depth - 1}); "
+                "list only indexes below depth, or raise depth."
             )
         if window_block_indexes and window_size <= 0:
             raise ValueError("window_block_indexes is set but window_size is not positive.")
