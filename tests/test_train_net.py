@@ -1,6 +1,5 @@
 """End to end through projects/train_net.py and projects/lazyconfig_train_net.py on CPU."""
 
-import copy
 import json
 import os
 import re
@@ -13,6 +12,10 @@ import torch
 from rev_det.data import ensure_shapes_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from demo_equivalence import demo_losses, relative_differences  # noqa: E402
+
 DEMO_YAML = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
 DEMO_LAZY = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.py")
 DEMO_MVIT = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.yaml")
@@ -123,46 +126,25 @@ def test_train_resume_evaluate_and_eval_only(entry, datasets_root, tmp_path):
     assert copypaste_ap(evaluated) == copypaste_ap(resumed)
 
 
-def test_demo_reversible_and_autograd_losses_agree_after_an_update():
-    """The demo config, same seed, same weights, same batches: only the backprop differs.
+def test_demo_reversible_and_autograd_losses_agree_for_20_iterations():
+    """The demo config trained 20 AdamW iterations with backprop "reversible" and "autograd".
 
-    The second loss depends on the first AdamW update, so wrong reversible gradients show.
-    Known limit (open in the main-job issue): over 20 iterations the two runs drift apart
-    by more than 1e-3 from the third iteration on (measured 3.2156 vs 3.2105), presumably
-    because AdamW's scale-free update amplifies fp32 round-off in near-zero gradients.
+    Run in float64: in float32 the two agree to ~1e-7 until a rounding-level difference flips
+    a discrete choice of Mask R-CNN (top-k proposals, NMS, ROI sampling), after which any two
+    runs part by >1e-3. Autograd against itself with weights perturbed by 1e-7 (relative) does
+    the same from the 4th iteration (measured, see README "Demo equivalence"), so the 1e-3
+    criterion over 20 iterations is only meaningful where rounding is far below it.
     """
-    from detectron2.data import build_detection_train_loader
-    from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
+    autograd, reversible = demo_losses(DEMO_YAML, ("autograd", "reversible"), 20, torch.float64)
+    assert max(relative_differences(autograd, reversible)) <= 1e-9, (autograd, reversible)
 
-    from rev_det.modeling import set_backprop
-    from rev_det.solver import build_optimizer
-    from test_configs import yacs_cfg
 
-    ensure_shapes_dataset(os.environ.get("DETECTRON2_DATASETS", "datasets"))
-    cfg = yacs_cfg(DEMO_YAML, "DATALOADER.NUM_WORKERS", 0, "SEED", 42)
-    torch.manual_seed(cfg.SEED)
-    loader = iter(build_detection_train_loader(cfg))
-    batches = [next(loader) for _ in range(2)]
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    initial = copy.deepcopy(model.state_dict())
-    history = {}
-    for mode in ("autograd", "reversible"):
-        model.load_state_dict(initial)
-        set_backprop(model, mode)
-        optimizer = build_optimizer(cfg, model)
-        torch.manual_seed(1)
-        history[mode] = []
-        with EventStorage():
-            for batch in batches:
-                loss = sum(model(batch).values())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                history[mode].append(loss.item())
-    for a, r in zip(history["autograd"], history["reversible"]):
-        assert abs(a - r) <= 1e-4 * abs(a), (history["autograd"], history["reversible"])
+def test_demo_reversible_and_autograd_losses_agree_in_float32_before_any_discrete_flip():
+    """The same in float32 (the demo's dtype) for the first updates, to a rounding tolerance."""
+    modes = ("autograd", "reversible", "checkpoint")
+    autograd, reversible, checkpoint = demo_losses(DEMO_YAML, modes, 3, torch.float32)
+    assert max(relative_differences(autograd, reversible)) <= 1e-5, (autograd, reversible)
+    assert checkpoint == autograd
 
 
 @pytest.mark.parametrize("entry", ["yacs", "lazy"])
