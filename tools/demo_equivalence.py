@@ -26,6 +26,7 @@ import torchvision.ops.boxes as box_ops
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 import rev_det
@@ -51,7 +52,7 @@ def demo_losses(
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(["DATALOADER.NUM_WORKERS", 0, *opts])
     prepare_datasets(cfg.DATASETS.TRAIN)
-    torch.manual_seed(cfg.SEED)
+    seed_all_rng(cfg.SEED)  # the training sampler draws its seed from numpy
     loader = iter(build_detection_train_loader(cfg))
     batches = [next(loader) for _ in range(iterations)]
     torch.manual_seed(0)
