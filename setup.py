@@ -19,5 +19,9 @@ setup(
         # Detectron2's Visualizer (prediction pictures) imports cv2; v0.6 does not require it.
         "opencv-python-headless",
     ],
-    extras_require={"dev": ["pytest", "black", "isort"]},
+    extras_require={
+        "dev": ["pytest", "black", "isort"],
+        # ONNX export of the backbones is tested against onnxruntime (tests/test_export.py).
+        "test": ["onnx", "onnxruntime", "onnxscript"],
+    },
 )

@@ -45,3 +45,11 @@ def test_import_without_detectron2_says_how_to_install_it():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "rev_det needs Detectron2" in proc.stderr and "make setup" in proc.stderr
+
+
+def test_exporter_and_flop_counter_import_without_caffe2():
+    # v0.6 imported its Caffe2 exporter unconditionally; the set-up's build makes it optional.
+    from detectron2.export import TracingAdapter
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    assert TracingAdapter and FlopCountAnalysis

@@ -35,7 +35,7 @@ from pathlib import Path
 SDIST_NAME = "pb1-detectron2-0.6.tar.gz"
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 DEFAULT_INDEX = "https://pypi.org/simple"
-WHEEL_VERSION = "0.6+revdet.purepy"
+WHEEL_VERSION = "0.6+revdet.purepy2"
 
 # What v0.6 declares, minus the pins that no longer install (black==21.4b2 breaks with click>=8.1)
 # plus the two pins it needs on current Python.
@@ -109,6 +109,26 @@ setup(
 )
 """
 
+# v0.6's detectron2/export/__init__.py imports the Caffe2 exporter unconditionally, and Caffe2
+# left PyTorch in 2.0, so `detectron2.export` (TracingAdapter) and `detectron2.utils.analysis`
+# (FlopCountAnalysis) would not import. As in Detectron2 main, the Caffe2 API is optional.
+EXPORT_INIT = """\
+# -*- coding: utf-8 -*-
+# Rewritten by rev_det's tools/build_detectron2.py: the Caffe2 exporter is optional, as in
+# Detectron2 main, because PyTorch >= 2.0 ships no caffe2.
+from .flatten import TracingAdapter
+from .torchscript import dump_torchscript_IR, scripting_with_instances
+
+try:
+    from caffe2.proto import caffe2_pb2 as _caffe2_pb2  # noqa: F401
+except ImportError:
+    pass
+else:
+    from .api import *  # noqa: F401,F403
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]
+"""
+
 # np.bool, np.int, np.float, np.str and np.object were deprecated aliases of the builtins.
 REMOVED_NUMPY_ALIASES = re.compile(r"\bnp\.(bool|int|float|str|object)\b(?!_)")
 
@@ -157,6 +177,7 @@ def prepare_source(sdist: Path, workdir: Path) -> Path:
         if fixed != text:
             py.write_text(fixed)
     (src / "detectron2" / "_C.py").write_text(PLACEHOLDER_C)
+    (src / "detectron2" / "export" / "__init__.py").write_text(EXPORT_INIT)
     (src / "setup.py").write_text(
         SETUP_PY.format(projects=PROJECTS, version=WHEEL_VERSION, requirements=REQUIREMENTS)
     )

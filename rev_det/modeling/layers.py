@@ -24,8 +24,9 @@ class LayerNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused op on a channels-last view: no extra (N, C, H, W) temporaries for the affine
         # part; the result is a channels-last view, which convolutions take as it is.
+        # The normalised shape is a constant (not x.shape), so that ONNX export sees no shape op.
         x = nn.functional.layer_norm(
-            x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps
+            x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps
         )
         return x.permute(0, 3, 1, 2)
 
