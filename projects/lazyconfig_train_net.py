@@ -13,10 +13,8 @@ import logging
 import os
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
-    AMPTrainer,
     SimpleTrainer,
     default_argument_parser,
     default_setup,
@@ -28,7 +26,11 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 
 import rev_det  # noqa: F401  (registers backbones and datasets, also in launched workers)
-from rev_det.data import prepare_datasets
+from rev_det.checkpoint import AtomicCheckpointer, IterationSeeder
+from rev_det.data import ResumableTrainLoader, prepare_datasets
+from rev_det.reversible import name_reversible_blocks
+from rev_det.reversible.ddp import check_ddp_model
+from rev_det.training import ReconstructionCheck, RevAMPTrainer
 
 logger = logging.getLogger("rev_det.lazyconfig_train_net")
 
@@ -55,7 +57,8 @@ def do_test(cfg, model):
 
 
 def do_train(args, cfg):
-    model = instantiate(cfg.model)
+    # Errors of the reversible backward then name the block (e.g. backbone.net.blocks.3).
+    model = name_reversible_blocks(instantiate(cfg.model))
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
 
@@ -63,13 +66,24 @@ def do_train(args, cfg):
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
 
-    model = create_ddp_model(model, **cfg.train.ddp)
-    trainer_class = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
-    trainer = trainer_class(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    model = check_ddp_model(create_ddp_model(model, **cfg.train.ddp))
+    if cfg.train.amp.enabled:
+        # v0.6's AMPTrainer needs CUDA and float16; this one autocasts on the model's device.
+        precision = cfg.train.amp.get("precision", "float16")
+        trainer = RevAMPTrainer(model, train_loader, optimizer, precision=precision)
+    else:
+        trainer = SimpleTrainer(model, train_loader, optimizer)
+    checkpointer = AtomicCheckpointer(
+        model,
+        cfg.train.output_dir,
+        strict_load=cfg.train.get("strict_load", False),
+        trainer=trainer,
+    )
     main_process = comm.is_main_process()
+    seed = cfg.train.get("seed", -1)
     trainer.register_hooks(
         [
+            IterationSeeder(seed) if seed >= 0 else None,  # first: before the others' before_step
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             (
@@ -78,6 +92,7 @@ def do_train(args, cfg):
                 else None
             ),
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            ReconstructionCheck(**cfg.train.get("check_reconstruction", {})),
             (
                 hooks.PeriodicWriter(
                     default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -90,6 +105,13 @@ def do_train(args, cfg):
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    if isinstance(train_loader, ResumableTrainLoader):
+        train_loader.start_iter = start_iter
+    elif start_iter:
+        logger.warning(
+            "dataloader.train is not rev_det.data.build_resumable_train_loader: the resumed run "
+            "starts the data order anew and differs from an uninterrupted run."
+        )
     trainer.train(start_iter, cfg.train.max_iter)
 
 
@@ -102,7 +124,9 @@ def main(args):
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model)
-        checkpointer = DetectionCheckpointer(model, cfg.train.output_dir)
+        checkpointer = AtomicCheckpointer(
+            model, cfg.train.output_dir, strict_load=cfg.train.get("strict_load", False)
+        )
         checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
         return do_test(cfg, model)
     do_train(args, cfg)

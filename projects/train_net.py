@@ -13,9 +13,9 @@ The Detectron2 ``tools/train_net.py`` experience: ``--config-file``, ``--eval-on
 
 import logging
 import os
+import weakref
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
@@ -23,15 +23,71 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 # Workers started by `launch` import this file anew, so importing rev_det here registers its
 # backbones and datasets in every process.
 import rev_det
-from rev_det.data import prepare_datasets
+from rev_det.checkpoint import AtomicCheckpointer, IterationSeeder
+from rev_det.data import build_resumable_train_loader, prepare_datasets
+from rev_det.reversible import name_reversible_blocks
+from rev_det.reversible.ddp import check_ddp_model
 from rev_det.solver import build_optimizer
+from rev_det.training import ReconstructionCheck, RevAMPTrainer
 from rev_det.utils import detectron2_has_compiled_ops
 
 logger = logging.getLogger("rev_det.train_net")
 
 
 class Trainer(DefaultTrainer):
-    """Detectron2's DefaultTrainer with rev_det's optimizer and a COCO evaluator."""
+    """Detectron2's DefaultTrainer with rev_det's optimizer, a COCO evaluator, atomic
+    checkpoints, and resumes that continue exactly as the uninterrupted run (with SEED >= 0)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        check_ddp_model(self.model)
+        if cfg.SOLVER.AMP.ENABLED:
+            # v0.6's AMPTrainer needs CUDA and float16; this one autocasts on the model's device
+            # to SOLVER.AMP.PRECISION (float16 with a grad scaler, or bfloat16).
+            inner = self._trainer
+            self._trainer = RevAMPTrainer(cfg, inner.model, inner.data_loader, inner.optimizer)
+
+    def build_hooks(self):
+        # DefaultTrainer builds a DetectionCheckpointer just before it calls this method, for
+        # the checkpointing hook; replace it with one that saves atomically.
+        self.checkpointer = AtomicCheckpointer(
+            self.model,
+            self.cfg.OUTPUT_DIR,
+            strict_load=self.cfg.MODEL.REV.STRICT_LOAD,
+            trainer=weakref.proxy(self),
+        )
+        seeder = [IterationSeeder(self.cfg.SEED)] if self.cfg.SEED >= 0 else []
+        hooks = seeder + super().build_hooks()
+        hooks.insert(-1, ReconstructionCheck(self.cfg))  # before the writer, which logs it
+        return hooks
+
+    @classmethod
+    def build_model(cls, cfg):
+        # Errors of the reversible backward then name the block (e.g. backbone.net.blocks.3).
+        return name_reversible_blocks(super().build_model(cfg))
+
+    # Detectron2 v0.6's DefaultTrainer checkpoints its hooks but not its inner trainer, so a
+    # resumed run restarted the optimizer (AdamW moments) and AMP grad scaler from scratch
+    # (detectron2 issue #4110); later versions save it under "_trainer" as here.
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("The checkpoint has no optimizer state: the optimizer starts afresh.")
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        self.data_loader.start_iter = self.start_iter
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_resumable_train_loader(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -61,9 +117,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        AtomicCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, strict_load=cfg.MODEL.REV.STRICT_LOAD
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

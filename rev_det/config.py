@@ -30,6 +30,19 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REV.PYRAMID_BLOCKS = 2
     # Pad images to a square of this size (0: pad to the size divisibility only).
     _c.MODEL.REV.SQUARE_PAD = 0
+    # On CUDA, rebuild the next block function's input on a second CUDA stream while the current
+    # one back-propagates (PaReprop). Same gradients; on CPU the backward runs serially.
+    _c.MODEL.REV.PARALLEL_BACKWARD = False
+    # rev_det.training.ReconstructionCheck: every PERIOD iterations (0: never) measure how far
+    # the block inputs that the reversible backward rebuilds drift from the true ones, log it to
+    # the event storage (reversible/max_rel_error, reversible/mean_rel_error) and stop training
+    # if the max relative error of a rebuilt input exceeds THRESHOLD or is not finite.
+    _c.MODEL.REV.CHECK_RECONSTRUCTION = CN()
+    _c.MODEL.REV.CHECK_RECONSTRUCTION.PERIOD = 0
+    _c.MODEL.REV.CHECK_RECONSTRUCTION.THRESHOLD = 0.1
+    # Loading MODEL.WEIGHTS (or resuming) fails if the checkpoint lacks a backbone weight or
+    # has one of another shape, instead of leaving it at its initialization.
+    _c.MODEL.REV.STRICT_LOAD = False
 
     _c.MODEL.REVVIT = CN()
     _c.MODEL.REVVIT.IMG_SIZE = 1024
@@ -68,6 +81,10 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.SOLVER.OPTIMIZER = "SGD"
     _c.SOLVER.BETAS = (0.9, 0.999)
     _c.SOLVER.LR_DECAY_RATE = 1.0
+    # Autocast dtype of AMP training (SOLVER.AMP.ENABLED) with rev_det.training.RevAMPTrainer:
+    # "float16" (with loss scaling) or "bfloat16". Detectron2 v0.6 has no such key.
+    if "PRECISION" not in _c.SOLVER.AMP:
+        _c.SOLVER.AMP.PRECISION = "float16"
     return cfg
 
 

@@ -1,6 +1,9 @@
 """The reversible engine: equal gradients in all backprop modes, RNG and autocast replay, memory."""
 
 import ast
+import collections
+import contextlib
+import logging
 import pathlib
 
 import pytest
@@ -233,3 +236,251 @@ def step_peak_with_existing_grads(depth):
 
 def test_existing_gradients_are_accumulated_in_place_block_by_block():
     assert step_peak_with_existing_grads(16) / step_peak_with_existing_grads(4) <= 1.05
+
+
+def test_inverse_rebuilds_the_input():
+    stack = make_stack(3).eval()
+    x1, x2 = torch.randn(2, 2, 12, 16, dtype=torch.float64)
+    y1, y2 = stack[0](x1, x2)
+    r1, r2 = stack[0].inverse(y1, y2)
+    assert rel_err(r1, x1) < 1e-13 and rel_err(r2, x2) < 1e-13
+
+
+def test_recomputation_runs_in_the_forward_autocast_dtype(monkeypatch):
+    seen = []
+    original = Block.F
+
+    def spy(self, x):
+        out = original(self, x)
+        seen.append((torch.is_grad_enabled(), out.dtype))
+        return out
+
+    monkeypatch.setattr(Block, "F", spy)
+    stack = make_stack(2, torch.float32, dropout=0.0).train()
+    x = torch.randn(1, 4, 16, requires_grad=True)
+    for dtype in (torch.bfloat16, torch.float16):
+        seen.clear()
+        with torch.autocast("cpu", dtype=dtype):
+            y1, y2 = stack(x, x)
+        (y1.sum() + y2.sum()).backward()
+        # Forward (grad off inside the Function), then the re-runs (grad on), all in `dtype`.
+        assert seen == [(False, dtype)] * 2 + [(True, dtype)] * 2
+
+
+class Poisoned(Block):
+    """G returns inf when it is re-run in backward (grad enabled), and is finite in forward."""
+
+    def G(self, x):
+        out = super().G(x)
+        return out * float("inf") if torch.is_grad_enabled() else out
+
+
+def test_non_finite_recomputation_names_the_block():
+    torch.manual_seed(0)
+    stack = ReversibleSequence([Block(), Block(), Poisoned(), Block()]).double().train()
+    x = torch.randn(1, 4, 16, dtype=torch.float64, requires_grad=True)
+    y1, y2 = stack(x, x)
+    with pytest.raises(engine.ReconstructionError, match=r"block 2 of a 4-block sequence \(Poi"):
+        (y1.sum() + y2.sum()).backward()
+    engine.name_reversible_blocks(stack, prefix="trunk.blocks")
+    y1, y2 = stack(x, x)
+    with pytest.raises(FloatingPointError) as error:  # Detectron2's non-finite error type
+        (y1.sum() + y2.sum()).backward()
+    message = str(error.value)
+    assert "('trunk.blocks.2', Poisoned)" in message and "X2 = Y2 - G(Y1)" in message
+    assert 'backprop="checkpoint"' in message and "learning rate" in message
+
+
+def test_non_finite_forward_output_is_reported_as_such():
+    stack = make_stack(3).train()
+    x = torch.randn(1, 4, 16, dtype=torch.float64, requires_grad=True)
+    y1, y2 = stack(x * float("nan"), x)
+    with pytest.raises(engine.ReconstructionError, match="not finite in forward"):
+        (y1.sum() + y2.sum()).backward()
+
+
+class FakeLane(engine._Lane):
+    """A stand-in CUDA stream that records, with vector clocks, what would run after what.
+
+    Each operation on a lane (a function re-run, a gradient through it) gets the lane's vector
+    clock; ``wait`` merges the clock of an event of another lane. Operation a happens before b
+    iff a's own entry is at most b's entry for a's lane.
+    """
+
+    current = None
+
+    def __init__(self, name):
+        self.name, self.clock, self.received = name, collections.Counter(), set()
+
+    @contextlib.contextmanager
+    def run(self):
+        previous, FakeLane.current = FakeLane.current, self
+        yield
+        FakeLane.current = previous
+
+    def op(self):
+        self.clock[self.name] += 1
+        return self.name, dict(self.clock)
+
+    def mark(self):
+        return dict(self.clock)
+
+    def wait(self, event):
+        for lane, count in event.items():
+            self.clock[lane] = max(self.clock[lane], count)
+
+    def wait_all(self, other):
+        self.wait(other.mark())
+
+    def receive(self, tensor):
+        self.received.add(tensor.data_ptr())
+
+
+def happens_before(a, b):
+    (lane, clock_a), (_, clock_b) = a, b
+    return clock_a[lane] <= clock_b.get(lane, 0)
+
+
+class Traced(Block):
+    """Logs each re-run of F or G and each gradient through it, with the lane it runs on."""
+
+    log = {}
+
+    def F(self, x):
+        return self.trace("F", x, super().F(x))
+
+    def G(self, x):
+        return self.trace("G", x, super().G(x))
+
+    def trace(self, name, x, out):
+        lane = FakeLane.current
+        if lane is None:  # the forward
+            return out
+        key = (self.index, name)
+        Traced.log[("rebuild", key)] = lane.op()
+        Traced.log[("input", key)] = (x.data_ptr(), lane)
+
+        def hook(grad):
+            Traced.log[("backprop", key)] = FakeLane.current.op()
+            Traced.log[("grad", key)] = (grad.data_ptr(), FakeLane.current)
+
+        out.register_hook(hook)
+        return out
+
+
+def test_parallel_schedule_keeps_data_dependencies_across_lanes(monkeypatch):
+    """The two-stream schedule, on CPU with stand-in streams: every data dependency is ordered
+    by waits, cross-lane tensors are received, the gradients are bit for bit the serial ones,
+    and rebuilding the next step can overlap with back-propagating the current one."""
+    torch.manual_seed(0)
+    blocks = [Traced() for _ in range(4)]
+    for i, block in enumerate(blocks):
+        block.index = i
+    stack = ReversibleSequence(blocks, parallel_backward=True).double().train()
+    x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
+    out, serial = run(stack, x, "reversible")
+    main, side = FakeLane("main"), FakeLane("side")
+    monkeypatch.setattr(engine, "_lanes", lambda device, parallel: ((main, side), 1))
+    Traced.log.clear()
+    start = main.op()  # e.g. the optimizer step that last wrote the parameters
+    out_p, parallel = run(stack, x, "reversible")
+    end = main.op()  # e.g. the next optimizer step, reading the gradients
+    assert torch.equal(out_p, out) and parallel.keys() == serial.keys()
+    for name in serial:
+        assert torch.equal(parallel[name], serial[name]), name
+
+    log = Traced.log
+    order = [(i, name) for i in reversed(range(4)) for name, _ in engine.INVERSE_STEPS]
+    assert {log[("rebuild", key)][0] for key in order} == {"main", "side"}
+    for k, key in enumerate(order):
+        rebuild, backprop = log[("rebuild", key)], log[("backprop", key)]
+        assert happens_before(start, rebuild) and happens_before(backprop, end)
+        assert happens_before(rebuild, backprop)
+        if k:
+            previous = order[k - 1]
+            assert happens_before(log[("rebuild", previous)], rebuild)
+            assert happens_before(log[("backprop", previous)], backprop)
+            # It reads the stream and the gradient the previous step made, on the other lane.
+            for kind in ("input", "grad"):
+                ptr, lane = log[(kind, key)]
+                assert ptr in lane.received, (kind, key)
+        if k + 1 < len(order):
+            following = log[("rebuild", order[k + 1])]
+            assert not happens_before(following, backprop)
+            assert not happens_before(backprop, following)
+
+
+def test_parallel_backward_on_cpu_runs_serially_and_says_so(caplog):
+    stack = make_stack(4).train()
+    x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
+    _, serial = run(stack, x, "reversible")
+    stack.parallel_backward = True
+    engine._log_serial_fallback.cache_clear()
+    with caplog.at_level(logging.INFO, logger=engine.__name__):
+        _, parallel = run(stack, x, "reversible")
+        run(stack, x, "reversible")
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "runs serially" in caplog.records[0].message
+    for name in serial:
+        assert torch.equal(parallel[name], serial[name]), name
+
+
+def test_reconstruction_drift_is_measured_by_the_backward_steps():
+    torch.manual_seed(0)
+    stack = make_stack(6, torch.float32).eval()
+    x1, x2 = torch.randn(2, 2, 12, 16)
+    errors = engine.measure_reconstruction(list(stack), x1, x2)
+    assert errors.shape == (6, 2) and errors.dtype == torch.float32
+    # The same errors as a chain of ReversibleBlock.inverse (eval mode: no random draws).
+    inputs, y = [], (x1, x2)
+    for block in stack:
+        inputs.append(y)
+        y = block(*y)
+    expected = []
+    for block, true in zip(reversed(stack), reversed(inputs)):
+        y = block.inverse(*y)
+        expected.append(engine._relative_errors(y, true))
+    assert torch.equal(errors, torch.stack(expected[::-1]))
+    assert 0 < errors[0, 0] < 1e-5
+
+
+def test_drift_measurement_replays_randomness_and_leaves_the_generators_alone():
+    stack = make_stack(6).train()  # float64, dropout and drop path active
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    state = torch.get_rng_state()
+    errors = engine.measure_reconstruction(list(stack), x, x)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert errors.max() < 1e-12  # different draws in the re-runs would give O(1) errors
+
+
+def test_sequence_inputs_are_recorded_once_and_only_when_rebuilt():
+    stack = make_stack(3).train()
+    x = torch.randn(1, 4, 16, dtype=torch.float64)
+    stack(x, x)  # outside the context: nothing kept
+    with engine.record_sequence_inputs() as records:
+        stack(x, x)
+        stack.backprop = "checkpoint"  # nothing is rebuilt: nothing to measure
+        stack(x, x)
+        stack.backprop = "reversible"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stack(x * 2, x)  # the same sequence again: the first input is kept
+        stack.eval()(x, x)
+    assert len(records) == 1 and records[0].blocks == tuple(stack)
+    assert torch.equal(records[0].x1, x) and not records[0].x1.requires_grad
+    assert records[0].measure().shape == (3, 2)
+    assert not engine._recorders
+
+
+def test_parameter_gradient_hooks_fire_once_per_backward():
+    """DistributedDataParallel reduces a parameter's gradient when its AccumulateGrad node runs;
+    a second run in the same backward is an error ("mark a variable ready only once")."""
+    stack = make_stack(3).train()
+    runs, nodes = collections.Counter(), []
+    for name, p in stack.named_parameters():
+        node = p.view_as(p).grad_fn.next_functions[0][0]  # the parameter's AccumulateGrad
+        node.register_hook(lambda grad_inputs, grad_outputs, name=name: runs.update([name]))
+        nodes.append(node)
+    x = torch.randn(1, 4, 16, dtype=torch.float64)  # no grad: backward must run anyway
+    y1, y2 = stack(x, x)
+    (y1 * y2).sum().backward()
+    assert runs == {name: 1 for name, _ in stack.named_parameters()}

@@ -2,6 +2,7 @@
 
 from typing import Iterable
 
+from .samplers import ResumableBatchSampler, ResumableTrainLoader, build_resumable_train_loader
 from .shapes import (
     SHAPES_CATEGORIES,
     SHAPES_DATASETS,
@@ -12,6 +13,9 @@ from .shapes import (
 __all__ = [
     "SHAPES_CATEGORIES",
     "SHAPES_DATASETS",
+    "ResumableBatchSampler",
+    "ResumableTrainLoader",
+    "build_resumable_train_loader",
     "ensure_shapes_dataset",
     "prepare_datasets",
     "register_shapes_datasets",

@@ -97,6 +97,7 @@ def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         pretrain_img_size=c.PRETRAIN_IMG_SIZE,
         pretrain_use_cls_token=c.PRETRAIN_USE_CLS_TOKEN,
         backprop=check_choice("MODEL.REV.BACKPROP", cfg.MODEL.REV.BACKPROP, BACKPROP_MODES),
+        parallel_backward=cfg.MODEL.REV.PARALLEL_BACKWARD,
     )
     return build_pyramid(cfg, net)
 
@@ -133,6 +134,7 @@ def build_rev_mvit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         use_abs_pos=c.USE_ABS_POS,
         use_rel_pos=c.USE_REL_POS,
         backprop=backprop,
+        parallel_backward=cfg.MODEL.REV.PARALLEL_BACKWARD,
         out_features=tuple(c.OUT_FEATURES),
     )
     kind = check_choice("MODEL.REV.PYRAMID", cfg.MODEL.REV.PYRAMID, PYRAMIDS)

@@ -384,6 +384,8 @@ class RevMViT(Backbone):
         backprop: "reversible", "autograd" or "checkpoint" (see :mod:`rev_det.reversible`). In
             "reversible" and "checkpoint" modes the transition blocks are recomputed in
             backward from their input (torch.utils.checkpoint) instead of stored.
+        parallel_backward: on CUDA, overlap rebuilding and back-propagation of the reversible
+            blocks on two CUDA streams (see :func:`rev_det.reversible.reversible_sequence`).
         out_features: which of "scale2" .. "scale5" to return.
     """
 
@@ -412,6 +414,7 @@ class RevMViT(Backbone):
         pretrain_img_size: int = 224,
         pretrain_use_cls_token: bool = True,
         backprop: str = "reversible",
+        parallel_backward: bool = False,
         out_features: Sequence[str] = ("scale2", "scale3", "scale4", "scale5"),
     ):
         super().__init__()
@@ -481,6 +484,7 @@ class RevMViT(Backbone):
         self.blocks = nn.ModuleList(blocks)
         self._last_block_indexes = last
         self.backprop = backprop
+        self.parallel_backward = parallel_backward
 
         self._out_features = list(out_features)
         self._out_feature_channels, self._out_feature_strides = {}, {}
@@ -534,7 +538,8 @@ class RevMViT(Backbone):
         for stage, last in enumerate(ends):
             # The stage's reversible run: after its transition block (stages 3 to 5) to its end.
             first = ends[stage - 1] + 2 if stage else 0
-            x1, x2 = reversible_sequence(list(self.blocks[first : last + 1]), x, x, self._backprop)
+            blocks = list(self.blocks[first : last + 1])
+            x1, x2 = reversible_sequence(blocks, x, x, self._backprop, self.parallel_backward)
             fused = torch.cat([x1, x2], dim=-1)
             name = f"scale{stage + 2}"
             if name in self._out_features:

@@ -190,6 +190,8 @@ class RevViT(Backbone):
         pretrain_img_size: image size of the pre-training grid of ``pos_embed``.
         pretrain_use_cls_token: whether ``pos_embed`` has a class-token entry (dropped).
         backprop: "reversible", "autograd" or "checkpoint" (see :mod:`rev_det.reversible`).
+        parallel_backward: on CUDA, overlap rebuilding and back-propagation of the blocks on
+            two CUDA streams (see :func:`rev_det.reversible.reversible_sequence`).
         out_feature: name of the output feature.
     """
 
@@ -213,6 +215,7 @@ class RevViT(Backbone):
         pretrain_img_size: int = 224,
         pretrain_use_cls_token: bool = True,
         backprop: str = "reversible",
+        parallel_backward: bool = False,
         out_feature: str = "last_feat",
     ):
         super().__init__()
@@ -253,7 +256,7 @@ class RevViT(Backbone):
             )
             for i in range(depth)
         ]
-        self.blocks = ReversibleSequence(blocks, backprop)
+        self.blocks = ReversibleSequence(blocks, backprop, parallel_backward)
         self.norm = norm_layer(2 * embed_dim)
 
         self._out_features = [out_feature]

@@ -5,7 +5,7 @@ A reversible block holds two streams and updates them with additive couplings::
     Y1 = X1 + F(X2)
     Y2 = X2 + G(Y1)
 
-and its input can be rebuilt from its output::
+and its input can be rebuilt from its output (:meth:`ReversibleBlock.inverse`)::
 
     X2 = Y2 - G(Y1)
     X1 = Y1 - F(X2)
@@ -23,24 +23,71 @@ gradients; only memory and time differ) are selected by ``backprop``:
 * ``"checkpoint"``: :func:`torch.utils.checkpoint.checkpoint` around each block, which stores
   each block's input.
 
+The reversible backward takes the inverse apart into steps, one per function: G, then F, of
+the last block, then of the one before, and so on. A step (:class:`_Step`)
+
+1. *rebuilds* a stream: it re-runs its function under autograd on the stream the function
+   reads and subtracts the result from the other stream, exactly as the inverse does;
+2. *back-propagates* through that re-run: the gradient of the rebuilt stream flows through the
+   function into the stream it read, and into the parameters.
+
+Serially each step rebuilds, then back-propagates, so one function's activations are alive at
+a time. With ``parallel_backward`` on CUDA (the PaReprop idea), step k + 1 is rebuilt on one
+CUDA stream while step k back-propagates on another (:func:`_run_backward`): the same
+arithmetic on the same tensors, so the same gradients, with two functions' activations alive.
+
 Recomputation replays the forward exactly: the CPU and CUDA random number generator states
 seen by F and G in forward are restored around their re-runs (dropout and drop path draw the
 same masks), and so is the forward's autocast state. The global generators are left as they
 would be after ordinary autograd. In eval mode or without grad no custom Function is used.
 
+Reconstruction is watched: a rebuilt stream that is not finite raises
+:class:`ReconstructionError` naming the block (one device-to-host copy per sequence, at the
+end of its backward). :func:`measure_reconstruction` measures how far rebuilt inputs drift from
+the true ones (in half precision the subtraction is not exact), and
+:func:`record_sequence_inputs` keeps what the sequences of a training step ran on, to measure it
+during training.
+
 This module depends on torch only.
 """
 
+import collections
 import contextlib
-from typing import List, Sequence, Tuple
+import functools
+import logging
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
 
-__all__ = ["BACKPROP_MODES", "ReversibleBlock", "ReversibleSequence", "reversible_sequence"]
+__all__ = [
+    "BACKPROP_MODES",
+    "ReconstructionError",
+    "ReversibleBlock",
+    "ReversibleSequence",
+    "SequenceInput",
+    "describe_block",
+    "measure_reconstruction",
+    "name_reversible_blocks",
+    "record_sequence_inputs",
+    "reversible_sequence",
+]
+
+logger = logging.getLogger(__name__)
 
 BACKPROP_MODES = ("reversible", "autograd", "checkpoint")
+
+# The inverse of a block, step by step: (function, the stream it reads). Each step subtracts the
+# function of the stream it reads from the other stream: X2 = Y2 - G(Y1), then X1 = Y1 - F(X2).
+INVERSE_STEPS = (("G", 0), ("F", 1))
+
+
+class ReconstructionError(FloatingPointError):
+    """A reversible block's input could not be rebuilt from its output (non-finite or drifted).
+
+    A :class:`FloatingPointError`, like Detectron2's error for a non-finite loss.
+    """
 
 
 class ReversibleBlock(nn.Module):
@@ -49,7 +96,13 @@ class ReversibleBlock(nn.Module):
     Subclasses define :meth:`F` and :meth:`G`. Both must return a tensor of the shape of their
     input, and must be deterministic given the random number generator state (dropout and drop
     path are fine: the engine replays the generator state in recomputation).
+
+    Attributes:
+        qualified_name: the block's name in its model (e.g. ``"backbone.net.blocks.3"``), set by
+            :func:`name_reversible_blocks`; error messages use it.
     """
+
+    qualified_name: Optional[str] = None
 
     def F(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802 (the paper's name)
         raise NotImplementedError
@@ -62,6 +115,20 @@ class ReversibleBlock(nn.Module):
         y2 = _couple(x2, self.G(y1), self, "G")
         return y1, y2
 
+    def inverse(self, y1: torch.Tensor, y2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The block's input from its output: ``X2 = Y2 - G(Y1)``, then ``X1 = Y1 - F(X2)``.
+
+        The reversible backward takes the same steps (:data:`INVERSE_STEPS`, :func:`_uncouple`)
+        one at a time, re-running each function under autograd. In training mode F and G must
+        draw the random numbers of the forward (the backward replays them; here the caller
+        does). In floating point the rebuilt input differs from the true one by rounding, more so
+        in half precision: see :func:`measure_reconstruction`.
+        """
+        streams = (y1, y2)
+        for name, source in INVERSE_STEPS:
+            streams = _uncouple(streams, source, getattr(self, name)(streams[source]))
+        return streams
+
 
 def _couple(x: torch.Tensor, fx: torch.Tensor, block: nn.Module, name: str) -> torch.Tensor:
     # A shape change would broadcast silently or fail deep inside autograd; say why instead.
@@ -72,6 +139,37 @@ def _couple(x: torch.Tensor, fx: torch.Tensor, block: nn.Module, name: str) -> t
             "that change shape (e.g. stage transitions) outside the reversible sequence."
         )
     return x + fx
+
+
+def _uncouple(streams, source: int, fx: torch.Tensor):
+    """One step of the inverse: the stream other than ``source`` loses ``fx``."""
+    streams = list(streams)
+    streams[1 - source] = streams[1 - source] - fx
+    return tuple(streams)
+
+
+def name_reversible_blocks(model: nn.Module, prefix: str = "") -> nn.Module:
+    """Set every :class:`ReversibleBlock`'s ``qualified_name`` to its name in ``model``.
+
+    Errors of the reversible backward then name the block as ``model.named_modules()`` does.
+    Pass the model unwrapped (not its DistributedDataParallel wrapper), or a ``prefix``.
+
+    Returns:
+        ``model``.
+    """
+    for name, module in model.named_modules(prefix=prefix):
+        if isinstance(module, ReversibleBlock):
+            module.qualified_name = name
+    return model
+
+
+def describe_block(block: ReversibleBlock, index: int, count: int) -> str:
+    """``block 3 of a 12-block sequence ('backbone.net.blocks.3', RevViTBlock)``: for errors.
+
+    ``index`` counts from 0; the name is :attr:`ReversibleBlock.qualified_name`, when set.
+    """
+    name = f"{block.qualified_name!r}, " if block.qualified_name else ""
+    return f"block {index} of a {count}-block sequence ({name}{type(block).__name__})"
 
 
 class _RngState:
@@ -113,69 +211,377 @@ def _replay_autocast(states):
         yield
 
 
-def _recompute_backward(fn, x, params, grad_out):
-    """Re-run ``fn(x)`` under autograd and back-propagate ``grad_out`` through it.
+def _run_forward(blocks, x1, x2, inputs: Optional[list] = None):
+    """Run ``blocks`` on (x1, x2), recording the generator state before each F and G.
 
-    Parameter gradients are accumulated into ``.grad`` right here, block by block (through the
-    usual AccumulateGrad, so hooks and DistributedDataParallel see them), rather than returned
-    at the end of the whole backward: that would hold a second copy of every gradient at once.
-
-    Returns:
-        The output (detached) and the gradient with respect to ``x``.
+    Appends each block's input to ``inputs`` if given. Returns the output streams and, per
+    block, ``{"F": state, "G": state}``.
     """
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        out = fn(x)
+    rng = []
+    for block in blocks:
+        if inputs is not None:
+            inputs.append((x1, x2))
+        rng_f = _RngState(x1, x2)
+        x1 = _couple(x1, block.F(x2), block, "F")
+        rng_g = _RngState(x1, x2)
+        x2 = _couple(x2, block.G(x1), block, "G")
+        rng.append({"F": rng_f, "G": rng_g})
+    return x1, x2, rng
+
+
+class _Step:
+    """One step of the reversible backward: re-run F or G of one block (see the module doc).
+
+    Args:
+        index: the block's index in its sequence.
+        block: the block.
+        name: "F" or "G".
+        source: the stream the function reads (0 or 1); it rebuilds the other one.
+        rng: the generator state its forward run saw.
+        params: the trainable parameters to accumulate gradients into.
+    """
+
+    def __init__(self, index, block, name, source, rng, params):
+        self.index, self.block, self.name, self.source = index, block, name, source
+        self.rng, self.params = rng, params
+        self.leaf = self.out = None
+
+    def rebuild(self, streams, build_graph: bool = True):
+        """Re-run the function on ``streams[source]``; return the streams with the other rebuilt.
+
+        With ``build_graph`` the re-run is recorded by autograd for :meth:`backprop`.
+        """
+        x = streams[self.source]
+        with self.rng.replay(), torch.set_grad_enabled(build_graph):
+            if build_graph:
+                x = self.leaf = x.detach().requires_grad_(True)
+            out = getattr(self.block, self.name)(x)
+        if build_graph:
+            self.out = out
+        return _uncouple(streams, self.source, out.detach())
+
+    def backprop(self, grad_rebuilt: torch.Tensor, grad_source: torch.Tensor) -> torch.Tensor:
+        """Pass the rebuilt stream's gradient back through the re-run; return the source's.
+
+        Parameter gradients are accumulated into ``.grad`` right here, step by step (through
+        the usual AccumulateGrad, so hooks and DistributedDataParallel see them), rather than
+        returned at the end of the whole backward: that would hold a second copy of every
+        gradient at once.
+        """
         # Under autocast F and G may return half precision while the streams are fp32.
-        torch.autograd.backward(out, grad_out.to(out.dtype), inputs=[x, *params])
-    return out.detach(), x.grad
+        grad_out = grad_rebuilt.to(self.out.dtype)
+        torch.autograd.backward(self.out, grad_out, inputs=[self.leaf, *self.params])
+        if self.leaf.grad is not None:
+            grad_source = grad_source + self.leaf.grad
+        self.leaf = self.out = None  # free this function's activations before the next step
+        return grad_source
+
+
+def _steps(blocks, rng, trainable_ids) -> List[_Step]:
+    """The backward's steps: the inverse steps of the last block, then of the one before..."""
+    steps = []
+    for index in reversed(range(len(blocks))):
+        block = blocks[index]
+        params = [p for p in block.parameters() if id(p) in trainable_ids]
+        for name, source in INVERSE_STEPS:
+            steps.append(_Step(index, block, name, source, rng[index][name], params))
+    return steps
+
+
+class _Lane:
+    """Where steps of the backward run: here, in order on the current stream (CPU, or serial).
+
+    :class:`_CudaLane` runs them on a CUDA stream. The scheduling in :func:`_run_backward` is
+    written once against this interface; on a ``_Lane`` its synchronisation does nothing.
+    """
+
+    def run(self):
+        """A context in which work is enqueued on this lane."""
+        return contextlib.nullcontext()
+
+    def mark(self):
+        """An event marking the work enqueued on this lane so far."""
+        return None
+
+    def wait(self, event):
+        """Make later work on this lane wait for ``event`` (of another lane)."""
+
+    def wait_all(self, other: "_Lane"):
+        """Make later work on this lane wait for all work enqueued on ``other`` so far."""
+
+    def receive(self, tensor: torch.Tensor):
+        """Tell the allocator that this lane uses ``tensor``, made on another lane."""
+
+
+class _CudaLane(_Lane):
+    def __init__(self, stream: torch.cuda.Stream):
+        self.stream = stream
+
+    def run(self):
+        return torch.cuda.stream(self.stream)
+
+    def mark(self):
+        return self.stream.record_event()
+
+    def wait(self, event):
+        self.stream.wait_event(event)
+
+    def wait_all(self, other: "_CudaLane"):
+        self.stream.wait_stream(other.stream)
+
+    def receive(self, tensor: torch.Tensor):
+        # The caching allocator reuses a freed tensor's memory for the next allocation on the
+        # stream that made it, with no regard for other streams that may still be reading it.
+        # record_stream delays that reuse until this stream's work enqueued so far is done.
+        tensor.record_stream(self.stream)
+
+
+_SERIAL = _Lane()
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_serial_fallback(device_type: str):
+    logger.info(
+        "parallel_backward needs CUDA streams; on %s the reversible backward runs serially "
+        "(same gradients).",
+        device_type,
+    )
+
+
+def _lanes(device: torch.device, parallel: bool) -> Tuple[Tuple[_Lane, _Lane], int]:
+    """The two lanes of the backward and how many steps the rebuilding runs ahead (0 or 1)."""
+    if parallel and device.type == "cuda":
+        main = _CudaLane(torch.cuda.current_stream(device))
+        return (main, _CudaLane(_side_stream(device))), 1
+    if parallel:
+        _log_serial_fallback(device.type)
+    return (_SERIAL, _SERIAL), 0
+
+
+class _Handle(NamedTuple):
+    """A tensor passed between steps, with the lane that made it and an event marking when."""
+
+    tensor: torch.Tensor
+    lane: _Lane
+    ready: object
+
+
+def _take(handle: _Handle, lane: _Lane) -> torch.Tensor:
+    """``handle``'s tensor, safe to use on ``lane``."""
+    if handle.lane is not lane:
+        lane.wait(handle.ready)  # its maker has finished writing it
+        lane.receive(handle.tensor)  # and its memory is not reused while this lane reads it
+    return handle.tensor
+
+
+def _run_backward(steps: Sequence[_Step], streams, grads, lanes, lookahead: int):
+    """Run the backward's steps; return the gradients of the input streams and finiteness flags.
+
+    Step k runs on lane ``k % 2``, rebuilding and then back-propagating. Rebuilding step k + 1
+    needs nothing from step k's back-propagation, so on two CUDA streams the two can run at
+    the same time::
+
+        lane 0:  rebuild 0 | backprop 0 | rebuild 2 | backprop 2 | ...
+        lane 1:              rebuild 1  | backprop 1 | rebuild 3 | ...
+
+    With ``lookahead`` 1 the host also enqueues step k + 1's rebuild before step k's
+    back-propagation, so that the rebuild can start at once.
+
+    The data dependencies, and how they are kept across lanes:
+
+    * rebuild k reads the stream rebuilt by step k - 1 (the other lane) and, with autograd,
+      builds the graph that backprop k runs on lane k % 2 too: autograd runs backward kernels on
+      the stream of their forward kernels, which is why steps alternate lanes rather than one
+      lane rebuilding and the other back-propagating;
+    * backprop k reads the gradient made by backprop k - 1 (the other lane);
+    * the parameters, written by the optimizer, and the saved outputs and incoming gradients
+      come from the main lane (lane 0, the stream autograd called this backward on), which
+      lane 1 waits for first; the main lane waits for all of lane 1 at the end, parameter
+      gradients included.
+
+    Every tensor passed between steps travels in a :class:`_Handle`: a step on another lane
+    waits for the event marking it made (``wait``) and tells the allocator it uses it
+    (``receive``), so it is neither read early nor reused early. Everything else a step makes
+    (its output, its autograd graph, its gradients) stays on its lane. On CPU and on the serial
+    path both lanes are one ``_Lane`` and all of this does nothing.
+    """
+    main, side = lanes
+    side.wait_all(main)  # whatever ran before this backward (the optimizer step, the forward)
+    ready = main.mark()
+    streams = [_Handle(s, main, ready) for s in streams]
+    grads = [_Handle(g, main, ready) for g in grads]
+    finite = [torch.isfinite(streams[0].tensor).all() & torch.isfinite(streams[1].tensor).all()]
+    pending = collections.deque()
+
+    def backprop(k: int):
+        step, lane = steps[k], lanes[k % 2]
+        target = 1 - step.source
+        with lane.run():
+            grad = step.backprop(_take(grads[target], lane), _take(grads[step.source], lane))
+            grads[step.source] = _Handle(grad, lane, lane.mark())
+
+    for k, step in enumerate(steps):
+        lane = lanes[k % 2]
+        with lane.run():
+            rebuilt = step.rebuild((_take(streams[0], lane), _take(streams[1], lane)))
+            target = 1 - step.source
+            streams[target] = _Handle(rebuilt[target], lane, lane.mark())
+            finite.append(torch.isfinite(rebuilt[target]).all())
+        pending.append(k)
+        if len(pending) > lookahead:
+            backprop(pending.popleft())
+    while pending:
+        backprop(pending.popleft())
+
+    dx = [_take(g, main) for g in grads]
+    main.wait_all(side)
+    return dx, torch.stack(finite)
+
+
+def _check_finite(finite: torch.Tensor, steps: Sequence[_Step], count: int):
+    """Raise :class:`ReconstructionError` at the first non-finite flag (one host sync)."""
+    if bool(finite.all()):
+        return
+    advice = (
+        "What to do: lower the learning rate or clip gradients; check the input (images, "
+        "normalisation) for non-finite or extreme values; train in float32 or bfloat16 rather "
+        "than float16, whose range ends at 65504; or back-propagate with "
+        'backprop="checkpoint" (the same model, with nothing rebuilt) to rule the '
+        "reconstruction out."
+    )
+    flags = finite.tolist()
+    if not flags[0]:
+        raise ReconstructionError(
+            f"The output of a reversible sequence of {count} blocks was not finite in forward, "
+            "so its inputs cannot be rebuilt for backward: a value overflowed or the input was "
+            f"not finite. {advice}"
+        )
+    step = steps[flags.index(False) - 1]
+    formula = "X2 = Y2 - G(Y1)" if step.name == "G" else "X1 = Y1 - F(X2)"
+    raise ReconstructionError(
+        f"A non-finite value appeared in backward while rebuilding the input of "
+        f"{describe_block(step.block, step.index, count)}: {step.name} re-run on the rebuilt "
+        f"stream gave inf or nan ({formula}), although the sequence's output was finite. "
+        f"{advice}"
+    )
 
 
 class _ReversibleFunction(torch.autograd.Function):
     """Runs reversible blocks keeping only the last output; rebuilds the rest in backward.
 
-    ``params`` are the blocks' trainable parameters. They are inputs only so that backward runs
-    even when the streams do not require grad; their gradients are accumulated block by block
-    inside backward (see :func:`_recompute_backward`), so None is returned for them.
+    The gradients of ``params``, the blocks' trainable parameters, are accumulated into
+    ``.grad`` step by step inside backward (see :meth:`_Step.backprop`). The parameters are not
+    inputs of the Function: for an input given no gradient, autograd still runs its
+    AccumulateGrad node and that node's hooks, so every parameter would be reported ready twice
+    (DistributedDataParallel fails on that). ``anchor``, an empty tensor that requires grad,
+    makes backward run even when the streams do not require grad (e.g. a frozen stem).
     """
 
     @staticmethod
-    def forward(ctx, x1, x2, blocks, *params):
+    def forward(ctx, x1, x2, anchor, blocks, params, parallel_backward):
         ctx.blocks = blocks
-        ctx.params = params
+        ctx.trainable_ids = {id(p) for p in params}
+        ctx.parallel_backward = parallel_backward
         ctx.autocast = _autocast_states()
-        ctx.rng = []
-        for block in blocks:  # grad is disabled inside Function.forward
-            rng_f = _RngState(x1, x2)
-            x1 = _couple(x1, block.F(x2), block, "F")
-            rng_g = _RngState(x1, x2)
-            x2 = _couple(x2, block.G(x1), block, "G")
-            ctx.rng.append((rng_f, rng_g))
+        x1, x2, ctx.rng = _run_forward(blocks, x1, x2)  # grad is disabled in Function.forward
         ctx.save_for_backward(x1, x2)
         return x1, x2
 
     @staticmethod
     def backward(ctx, dy1, dy2):
         y1, y2 = ctx.saved_tensors
-        trainable = {id(p) for p in ctx.params}
+        steps = _steps(ctx.blocks, ctx.rng, ctx.trainable_ids)
+        lanes, lookahead = _lanes(y1.device, ctx.parallel_backward)
         with _replay_autocast(ctx.autocast):
-            for block, (rng_f, rng_g) in zip(reversed(ctx.blocks), reversed(ctx.rng)):
-                params = [p for p in block.parameters() if id(p) in trainable]
-                # Y2 = X2 + G(Y1): rebuild X2, and pass dY2 through G into dY1.
-                with rng_g.replay():
-                    g, dy1_g = _recompute_backward(block.G, y1, params, dy2)
-                y2 = y2 - g  # now X2
-                dy1 = dy1 + dy1_g
-                del g, dy1_g  # free before F is re-run: one block's working set at a time
-                # Y1 = X1 + F(X2): rebuild X1, and pass dY1 through F into dX2.
-                with rng_f.replay():
-                    f, dx2_f = _recompute_backward(block.F, y2, params, dy1)
-                y1 = y1 - f  # now X1
-                dy2 = dy2 + dx2_f
-                del f, dx2_f
-        dx1 = dy1 if ctx.needs_input_grad[0] else None
-        dx2 = dy2 if ctx.needs_input_grad[1] else None
-        return (dx1, dx2, None) + (None,) * len(ctx.params)
+            (dx1, dx2), finite = _run_backward(steps, (y1, y2), (dy1, dy2), lanes, lookahead)
+        _check_finite(finite, steps, len(ctx.blocks))
+        dx1 = dx1 if ctx.needs_input_grad[0] else None
+        dx2 = dx2 if ctx.needs_input_grad[1] else None
+        return dx1, dx2, None, None, None, None
+
+
+@torch.no_grad()
+def measure_reconstruction(
+    blocks: Sequence[ReversibleBlock], x1: torch.Tensor, x2: torch.Tensor
+) -> torch.Tensor:
+    """How far the reversible backward's rebuilt block inputs drift from the true ones.
+
+    Runs ``blocks`` forward from (x1, x2) keeping every block's input, then rebuilds the inputs
+    from the output by the backward's own steps (:class:`_Step`, same random draws), without
+    gradients. Runs under the caller's autocast; the global generators are left untouched.
+
+    Returns:
+        A float tensor of shape ``(len(blocks), 2)``: per block, the max and the mean relative
+        error of its rebuilt input over both streams, ``max |X' - X| / max |X|`` and
+        ``mean |X' - X| / mean |X|``. Row 0, the first block, has gone through every inversion.
+    """
+    x1, x2 = _upcast(x1), _upcast(x2)
+    devices, _ = get_device_states(x1, x2)
+    with torch.random.fork_rng(devices=devices):
+        inputs = []
+        y1, y2, rng = _run_forward(blocks, x1, x2, inputs)
+    streams, errors = (y1, y2), []
+    for step in _steps(blocks, rng, trainable_ids=set()):
+        streams = step.rebuild(streams, build_graph=False)
+        if step.name == INVERSE_STEPS[-1][0]:  # the block's last step: its input is rebuilt
+            errors.append(_relative_errors(streams, inputs[step.index]))
+    return torch.stack(errors[::-1])
+
+
+def _relative_errors(rebuilt, true) -> torch.Tensor:
+    diff = [(a - b).abs() for a, b in zip(rebuilt, true)]
+    size = [b.abs() for b in true]
+    tiny = torch.finfo(size[0].dtype).tiny
+    max_err = torch.maximum(*(d.max() for d in diff)) / torch.maximum(*(s.max() for s in size))
+    mean_err = sum(d.sum() for d in diff) / sum(s.sum() for s in size).clamp_min(tiny)
+    return torch.stack([max_err, mean_err]).float()
+
+
+class SequenceInput(NamedTuple):
+    """What one reversible sequence ran on: its blocks, its input streams, the autocast state."""
+
+    blocks: Tuple[ReversibleBlock, ...]
+    x1: torch.Tensor
+    x2: torch.Tensor
+    autocast: list
+
+    def measure(self) -> torch.Tensor:
+        """:func:`measure_reconstruction` on this input, in the autocast state it ran in."""
+        with _replay_autocast(self.autocast):
+            return measure_reconstruction(self.blocks, self.x1, self.x2)
+
+
+_recorders: List[List[SequenceInput]] = []
+
+
+@contextlib.contextmanager
+def record_sequence_inputs():
+    """Record the input of every reversible sequence that runs inside this context.
+
+    Only sequences that back-propagate with ``backprop="reversible"`` in training (those whose
+    inputs are rebuilt) are recorded, each once (a sequence re-run by a checkpoint is the same
+    sequence). The inputs are kept detached until the context's list is dropped.
+
+    Yields:
+        The list of :class:`SequenceInput`, filled as sequences run.
+    """
+    records: List[SequenceInput] = []
+    _recorders.append(records)
+    try:
+        yield records
+    finally:
+        _recorders.remove(records)
+
+
+def _record(blocks: Tuple[ReversibleBlock, ...], x1: torch.Tensor, x2: torch.Tensor):
+    for records in _recorders:
+        if not any(r.blocks == blocks for r in records):
+            records.append(SequenceInput(blocks, x1.detach(), x2.detach(), _autocast_states()))
 
 
 def _check_backprop(backprop: str) -> str:
@@ -196,6 +602,7 @@ def reversible_sequence(
     x1: torch.Tensor,
     x2: torch.Tensor,
     backprop: str = "reversible",
+    parallel_backward: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run ``blocks`` on the two streams ``(x1, x2)`` and return the two output streams.
 
@@ -205,6 +612,10 @@ def reversible_sequence(
         backprop: "reversible", "autograd" or "checkpoint" (see the module docstring). The
             choice only matters when training with grad enabled; otherwise the blocks run as
             plain modules.
+        parallel_backward: with "reversible" on CUDA, rebuild the next step's input on a
+            second CUDA stream while the current step back-propagates (same gradients; the
+            activations of two functions alive instead of one). Elsewhere the backward runs
+            serially.
     """
     _check_backprop(backprop)
     x1, x2 = _upcast(x1), _upcast(x2)
@@ -217,8 +628,11 @@ def reversible_sequence(
         for block in blocks:
             x1, x2 = checkpoint(block, x1, x2, use_reentrant=False)
         return x1, x2
+    blocks = tuple(blocks)
+    _record(blocks, x1, x2)
     params = _unique_trainable_parameters(blocks)
-    return _ReversibleFunction.apply(x1, x2, list(blocks), *params)
+    anchor = x1.new_empty(0).requires_grad_(bool(params))
+    return _ReversibleFunction.apply(x1, x2, anchor, blocks, params, parallel_backward)
 
 
 def _unique_trainable_parameters(blocks: Sequence[nn.Module]) -> List[nn.Parameter]:
@@ -240,9 +654,16 @@ class ReversibleSequence(nn.ModuleList):
     Args:
         blocks: the reversible blocks.
         backprop: "reversible" (default), "autograd" or "checkpoint".
+        parallel_backward: overlap rebuilding and back-propagation on two CUDA streams (see
+            :func:`reversible_sequence`).
     """
 
-    def __init__(self, blocks: Sequence[ReversibleBlock], backprop: str = "reversible"):
+    def __init__(
+        self,
+        blocks: Sequence[ReversibleBlock],
+        backprop: str = "reversible",
+        parallel_backward: bool = False,
+    ):
         super().__init__(blocks)
         for i, block in enumerate(self):
             if not isinstance(block, ReversibleBlock):
@@ -251,9 +672,10 @@ class ReversibleSequence(nn.ModuleList):
                     "sequence needs blocks that expose F and G (subclass ReversibleBlock)."
                 )
         self.backprop = _check_backprop(backprop)
+        self.parallel_backward = parallel_backward
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return reversible_sequence(list(self), x1, x2, self.backprop)
+        return reversible_sequence(list(self), x1, x2, self.backprop, self.parallel_backward)
 
     def extra_repr(self) -> str:
-        return f"backprop={self.backprop!r}"
+        return f"backprop={self.backprop!r}, parallel_backward={self.parallel_backward}"
