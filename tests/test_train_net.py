@@ -165,3 +165,24 @@ def test_rev_mvit_demo_trains_and_evaluates(entry, datasets_root, tmp_path):
     log = run(script, cfg + opts, datasets_root)
     assert "RevMViT" in log
     assert set(copypaste_ap(log)) == {"bbox", "segm"}
+
+
+@pytest.mark.parametrize("entry", ["yacs", "lazy"])
+def test_bf16_amp_and_reconstruction_check_through_the_entry_points(entry, datasets_root, tmp_path):
+    """SOLVER.AMP / train.amp train in bfloat16 on CPU (v0.6's AMPTrainer is CUDA-only) and the
+    reconstruction check logs the drift of the reversible blocks."""
+    out = str(tmp_path / "out")
+    if entry == "yacs":
+        script, args = "train_net.py", ["--config-file", DEMO_YAML, *TINY_YACS]
+        args += ["SOLVER.MAX_ITER", "20", "OUTPUT_DIR", out, "SOLVER.AMP.ENABLED", "True"]
+        args += ["SOLVER.AMP.PRECISION", "bfloat16", "MODEL.REV.CHECK_RECONSTRUCTION.PERIOD", "5"]
+    else:
+        script, args = "lazyconfig_train_net.py", ["--config-file", DEMO_LAZY, *TINY_LAZY]
+        args += ["train.max_iter=40", f"train.output_dir={out}", "train.amp.enabled=True"]
+        args += ["train.amp.precision=bfloat16", "train.check_reconstruction.period=5"]
+    run(script, args, datasets_root)
+    with open(os.path.join(out, "metrics.json")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    drift = [r["reversible/max_rel_error"] for r in records if "reversible/max_rel_error" in r]
+    assert drift and all(0 <= d < 0.1 for d in drift), records
+    assert all(torch.isfinite(torch.tensor(r["total_loss"])) for r in records if "total_loss" in r)
