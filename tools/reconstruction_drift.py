@@ -28,7 +28,6 @@ Example::
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -37,6 +36,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from benchmark import machine  # noqa: E402  (tools/benchmark.py, beside this script)
 
 from rev_det.modeling.attention import resize_abs_pos  # noqa: E402
 from rev_det.modeling.rev_vit import RevViT  # noqa: E402
@@ -76,18 +76,6 @@ def drift(trunk: RevViT, image: torch.Tensor, precision: str) -> torch.Tensor:
         x = trunk.patch_embed(image)
         x = x + resize_abs_pos(trunk.pos_embed, trunk.pretrain_use_cls_token, x.shape[1:3])
         return measure_reconstruction(list(trunk.blocks), x, x).cpu()
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"GPU: {torch.cuda.get_device_name()}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"CPU: {cpu} ({os.cpu_count()} cores)"
 
 
 def report(args, results) -> str:
