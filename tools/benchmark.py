@@ -78,6 +78,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -654,8 +655,12 @@ def section(title: str, rows: List[Row], columns: Sequence[str], notes: List[str
     return [f"## {title}", "", table(rows, columns), "", *[f"- {n}" for n in notes], ""]
 
 
-def plot(rows: List[Row], x: str, y: str, series: Sequence[str], labels, path: str, logx=False):
+def plot(rows: List[Row], x: str, y: str, series: Sequence[str], labels, path: str, log=""):
     """Save a line per series (rows grouped by the ``series`` keys) of measured points.
+
+    Args:
+        labels: the x and y axis labels.
+        log: the axes ("x", "y" or "xy") on a log scale.
 
     Returns:
         The note that names the plot in the report.
@@ -665,8 +670,12 @@ def plot(rows: List[Row], x: str, y: str, series: Sequence[str], labels, path: s
         pts = sorted((r[x], r[y]) for r in group if r.get(y) is not None)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=_label(group[0]))
-    if logx:
+    if "x" in log:
         ax.set_xscale("log", base=2)
+    if "y" in log:
+        ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
     ax.grid(alpha=0.3)
@@ -752,7 +761,7 @@ def report_classification(args, results) -> List[str]:
             notes.append(f"{name}, paper: {plain} -> {rev} MB per image, {plain / rev:.1f}x")
     path = os.path.join(args.out, "memory_per_image_vs_batch.png")
     labels = ("batch", "activations per image (MiB)")
-    notes.append(plot(rows, "batch", "per_image", ("model", "backprop"), labels, path, logx=True))
+    notes.append(plot(rows, "batch", "per_image", ("model", "backprop"), labels, path, log="xy"))
     columns = ["model", "backprop", "batch", "params", "peak", "activations", "stored"]
     columns += ["per_image", "stored_per_image"]
     return section("Classification at 224 (the paper's setting)", rows, columns, notes)
@@ -762,7 +771,7 @@ def report_speed(args, results) -> List[str]:
     rows = results["speed"]
     path = os.path.join(args.out, "throughput_vs_batch.png")
     labels = ("batch", "training images / s")
-    notes = [plot(rows, "batch", "images_per_s", ("backprop", "pyramid"), labels, path, logx=True)]
+    notes = [plot(rows, "batch", "images_per_s", ("backprop", "pyramid"), labels, path, log="x")]
     columns = ["backprop", "pyramid", "batch", "step_s", "images_per_s", "largest"]
     return section(f"Speed (CUDA) at {args.size}x{args.size}", rows, columns, notes)
 
@@ -772,7 +781,7 @@ def write_report(args, results) -> str:
     os.makedirs(args.out, exist_ok=True)
     tracker = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "exact tensor tracker"
     md = [
-        f"# Benchmark: {args.backbone}, {args.size}x{args.size}, batch {args.batch}",
+        f"# Benchmark: {', '.join(n for n in SECTIONS if n in results)}",
         "",
         f"- machine: {results['machine']}",
         f"- torch {results['torch']}, detectron2 {results['detectron2']}, rev_det "
@@ -791,6 +800,8 @@ def write_report(args, results) -> str:
         "classification": report_classification,
         "speed": report_speed,
     }
+    if any(name in results for name in ("depth", "resolution", "detection", "speed")):
+        md.insert(-1, f"- detector: {args.backbone} (batch {args.batch})")
     for name in SECTIONS:
         if name in results:
             md += reports[name](args, results)
