@@ -115,3 +115,13 @@ def test_largest_batch_doubles_then_bisects():
     assert max(calls) <= 64
     assert benchmark.largest_batch(fits, limit=20) == (20, [1, 2, 4, 8, 16])
     assert benchmark.largest_batch(lambda b: False, limit=512) == (0, [])
+
+
+def test_speed_section_adds_the_parallel_backward_run():
+    runs = [("autograd", "simple"), ("checkpoint", "simple"), ("reversible", "reversible")]
+    assert benchmark.speed_runs(runs) == [
+        ("autograd", "simple", False),
+        ("checkpoint", "simple", False),
+        ("reversible", "reversible", False),
+        ("reversible", "reversible", True),
+    ]

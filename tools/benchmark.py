@@ -569,15 +569,25 @@ def largest_batch(fits: Callable[[int], bool], limit: int) -> Tuple[int, List[in
     return lo, doubling
 
 
+def speed_runs(runs: List[Tuple[str, str]]) -> List[Tuple[str, str, bool]]:
+    """(backprop, pyramid, parallel backward) of the speed section: the main runs, and the
+    reversible one again with the parallel (two CUDA streams) backward."""
+    speed = [(backprop, pyramid, False) for backprop, pyramid in runs]
+    speed += [(b, p, True) for b, p in runs if b == "reversible"]
+    return speed
+
+
 def run_speed(args, results, det: Detection):
     if args.device != "cuda":
         print("  speed: skipped (CUDA only)")
         return
     rows = []
-    for backprop, pyramid in det.main_runs():
+    for backprop, pyramid, parallel in speed_runs(det.main_runs()):
         torch.manual_seed(0)
         cfg = det.cfg(backprop, pyramid)
+        cfg.MODEL.REV.PARALLEL_BACKWARD = parallel
         model = build_model(cfg).train()
+        backprop += " (parallel)" if parallel else ""
 
         def make_step(batch, model=model, cfg=cfg):
             data = synthetic_batch(args.size, batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "cuda")
@@ -605,7 +615,7 @@ def run_speed(args, results, det: Detection):
             seconds = time_step(make_step(batch))
             row = dict(backprop=backprop, pyramid=pyramid, batch=batch, step_s=seconds)
             rows.append(dict(row, images_per_s=batch / seconds, largest=batch == best))
-            print(f"  speed {backprop:10s} batch {batch:4d}: {batch / seconds:8.2f} img/s")
+            print(f"  speed {backprop:21s} batch {batch:4d}: {batch / seconds:8.2f} img/s")
         del model
         torch.cuda.empty_cache()
     results["speed"] = rows
