@@ -16,7 +16,7 @@ depth
     ``--depth-scope trunk`` measures the RevViT trunk alone (activations only);
     ``--depth-scope step`` the full Mask R-CNN step of a RevViT detector of that depth (its
     global-attention blocks evenly spaced as in the configured model), for every pair of the
-    detection section.
+    detection section (or those of ``--pairs``).
 resolution
     Full-step peak memory against input size (``--sizes``) for the baseline, checkpoint and
     reversible detectors.
@@ -28,7 +28,8 @@ detection
 classification
     The paper's setting: per-image training memory of ViT-sized reversible trunks with global
     average pooling and a linear head at 224x224 (``--classifiers``), at each of
-    ``--cls-batches``, and the marginal memory per added image between the two largest batches.
+    ``--cls-batches``, the marginal memory per added image between the two largest batches,
+    and the paper's per-image figures beside them.
 speed (CUDA only; written against the CUDA APIs but not yet run on a GPU)
     Step time (CUDA events, warm-up, median of repeats) and images per second at ``--batch``;
     images per second against batch, doubling up to the largest batch that fits in the card's
@@ -36,9 +37,10 @@ speed (CUDA only; written against the CUDA APIs but not yet run on a GPU)
 
 Memory: on CPU the exact tensor tracker :class:`rev_det.utils.MemoryTracker` (bytes of live
 tensor storages, no allocator noise); on CUDA ``torch.cuda.max_memory_allocated`` after a
-reset. "peak" counts everything the step creates (activations, temporaries, parameter
-gradients); parameters themselves are listed apart and optimizer state is not included;
-"activations" is the peak of everything but parameter gradients; "stored" is what is alive
+reset (like the speed section, not yet run on a GPU). "peak" counts everything the step creates
+(activations, temporaries, parameter gradients); parameters themselves are listed apart and optimizer state is not included;
+"activations" is the peak of everything but parameter gradients (on CUDA: peak minus the
+gradients alive at the end); "stored" is what is alive
 between forward and backward. Times are only compared as ratios within one run.
 
 Memory budget (CPU): a measurement whose tensor memory (parameters + peak), predicted by a
@@ -47,17 +49,16 @@ batch, exceeds ``--budget-gib`` is skipped and reported with that prediction, ma
 Along depth the line is exact for stored activations (every block adds the same bytes: compare
 the slopes printed in the depth table); along size it is only an estimate.
 
-Output in ``--out``: ``results.md`` (tables, the machine, torch version and the exact command),
-``results.json`` and PNG plots (memory vs depth, memory vs resolution, memory per image vs
-batch, throughput vs batch).
+Output in ``--out``, rewritten after every section: ``results.md`` (tables, the machine, torch
+version and the exact command), ``results.json`` and PNG plots (memory vs depth, memory vs
+resolution, memory per image vs batch, throughput vs batch).
 
 Examples::
 
     python tools/benchmark.py --backbone rev_vit_b --size 1024 --sections detection
     python tools/benchmark.py --backbone rev_vit_b --size 512 --sections depth --depths 6 12 24 48
     python tools/benchmark.py --backbone rev_vit_l --size 1024 --sections depth detection \\
-        --depth-scope step --depths 6 12 18 --budget-gib 10.5 \\
-        --pairs autograd/simple checkpoint/simple reversible/reversible
+        --depth-scope step --depths 6 12 18 --budget-gib 10.5
     python tools/benchmark.py --sections classification --cls-batches 4 16 64
 """
 
