@@ -8,7 +8,7 @@ import torch
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.structures import ImageList
 
-from rev_det.modeling import ReversibleFeaturePyramid, SimpleFeaturePyramid
+from rev_det.modeling import ReversibleFeaturePyramid, SimpleFeaturePyramid, set_backprop
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
 from pyramid_memory import FixedStreams, measure  # noqa: E402
@@ -53,3 +53,48 @@ def test_inference_uses_no_recomputation(monkeypatch):
     with torch.no_grad():
         outputs = pyramid.eval()(None)
     assert set(outputs) == {"p2", "p3", "p4", "p5"}
+
+
+@pytest.mark.parametrize("pyramid", ["reversible", "simple"])
+def test_patch_8_trunk_gets_the_same_p2_p6_pyramid(pyramid):
+    """build_rev_vit_backbone derives the scale factors from the trunk's stride."""
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+
+    from rev_det import add_revdet_config
+    from rev_det.modeling import build_rev_vit_backbone
+
+    cfg = get_cfg()
+    add_revdet_config(cfg)
+    cfg.MODEL.REVVIT.merge_from_list(
+        ["IMG_SIZE", 128, "PRETRAIN_IMG_SIZE", 128, "PATCH_SIZE", 8, "EMBED_DIM", 32]
+    )
+    cfg.MODEL.REVVIT.merge_from_list(["DEPTH", 2, "NUM_HEADS", 2, "WINDOW_SIZE", 4])
+    cfg.MODEL.REVVIT.WINDOW_BLOCK_INDEXES = [0]
+    cfg.MODEL.FPN.OUT_CHANNELS = 16
+    cfg.MODEL.REV.PYRAMID = pyramid
+    torch.manual_seed(0)
+    backbone = build_rev_vit_backbone(cfg, ShapeSpec(channels=3)).double().train()
+    strides = {f"p{k}": 2**k for k in range(2, 7)}
+    assert {k: v.stride for k, v in backbone.output_shape().items()} == strides
+    x = torch.randn(1, 3, 128, 192, dtype=torch.float64, requires_grad=True)
+    outputs = backbone(x)
+    assert {k: tuple(v.shape) for k, v in outputs.items()} == {
+        k: (1, 16, 128 // s, 192 // s) for k, s in strides.items()
+    }
+    if pyramid == "reversible":  # the stride-8 levels (p5 by space-to-depth 4) invert exactly
+        grads = {}
+        for mode in ("autograd", "reversible"):
+            set_backprop(backbone, mode)
+            backbone.zero_grad(set_to_none=True)
+            x.grad = None
+            sum(v.pow(2).sum() for v in backbone(x).values()).backward()
+            grads[mode] = [p.grad.clone() for p in backbone.parameters()] + [x.grad.clone()]
+        for a, b in zip(grads["autograd"], grads["reversible"]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [SimpleFeaturePyramid, ReversibleFeaturePyramid])
+def test_unsupported_scale_factor_is_named(cls):
+    with pytest.raises(ValueError, match=r"scale factor 0.125 .*patch size 8 or 16"):
+        cls(FixedStreams(*streams(), "reversible"), out_channels=32, scale_factors=(1.0, 0.125))

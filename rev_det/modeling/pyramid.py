@@ -1,4 +1,4 @@
-"""Pyramid adapters from a stride-16 reversible trunk to the p2-p6 pyramid of Mask R-CNN.
+"""Pyramid adapters from a single-scale reversible trunk to the p2-p6 pyramid of Mask R-CNN.
 
 * :class:`SimpleFeaturePyramid`: ViTDet's adapter (the baseline of every comparison).
 * :class:`ReversibleFeaturePyramid`: the same outputs, with internal activations rebuilt or
@@ -24,9 +24,22 @@ __all__ = ["SimpleFeaturePyramid", "ReversibleFeaturePyramid"]
 
 logger = logging.getLogger(__name__)
 
+# Resampling of the trunk's map per level: up to 4x finer (ViTDet's p2 from stride 16) and
+# down to 4x coarser (p5 from a stride-8 trunk, patch size 8).
+_SCALE_FACTORS = (4.0, 2.0, 1.0, 0.5, 0.25)
+
+
+def _check_scale(scale: float) -> float:
+    if scale not in _SCALE_FACTORS:
+        raise ValueError(
+            f"scale factor {scale} is not one of {_SCALE_FACTORS} (trunk stride / level stride); "
+            "use a trunk of stride 8 or 16 (patch size 8 or 16) for a p2-p5 pyramid."
+        )
+    return scale
+
 
 class _PyramidBase(Backbone):
-    """Names, strides and padding of a p2-p6 pyramid on a stride-16 trunk."""
+    """Names, strides and padding of a p2-p6 pyramid on a single-scale trunk."""
 
     def _init_outputs(self, net, scale_factors, out_channels, top_block, square_pad):
         in_stride = net.output_shape()[net._out_features[0]].stride
@@ -76,18 +89,20 @@ class _PyramidBase(Backbone):
 
 
 class SimpleFeaturePyramid(_PyramidBase):
-    """ViTDet's simple feature pyramid: deconvolutions / pooling from one stride-16 map.
+    """ViTDet's simple feature pyramid: deconvolutions / pooling from one single-scale map.
 
     Per scale factor: 4 -> ConvTranspose(C, C/2) + norm + GELU + ConvTranspose(C/2, C/4);
-    2 -> ConvTranspose(C, C/2); 1 -> nothing; 0.5 -> MaxPool 2; then 1x1 conv to
+    2 -> ConvTranspose(C, C/2); 1 -> nothing; 0.5 -> MaxPool 2; 0.25 -> MaxPool 4 (for a
+    stride-8 trunk); then 1x1 conv to
     ``out_channels`` + norm and 3x3 conv + norm. Sub-modules are named ``simfp_{level}`` as in
     ViTDet, so its checkpoints load by name.
 
     Args:
-        net: the trunk (a Backbone with a stride-16 output ``in_feature``).
+        net: the trunk (a Backbone with a single-scale output ``in_feature``).
         in_feature: name of the trunk output to use.
         out_channels: channels of every output level.
-        scale_factors: resampling of the trunk output per level (stride 16 / factor).
+        scale_factors: resampling of the trunk output per level (trunk stride / level stride;
+            ViTDet's (4, 2, 1, 0.5) on a stride-16 trunk give p2-p5).
         top_block: extra coarser levels from the last one (e.g. LastLevelMaxPool for p6).
         norm: "LN", a Detectron2 norm name, or a callable taking the channel count.
         square_pad: pad inputs to a square of this size, rounded up to size_divisibility (0: pad
@@ -111,6 +126,7 @@ class SimpleFeaturePyramid(_PyramidBase):
         dim = net.output_shape()[in_feature].channels
         self.stages = []
         for scale, name in zip(scale_factors, self._out_features):
+            _check_scale(scale)
             if scale == 4.0:
                 layers = [
                     nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
@@ -123,10 +139,9 @@ class SimpleFeaturePyramid(_PyramidBase):
                 layers, width = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2
             elif scale == 1.0:
                 layers, width = [], dim
-            elif scale == 0.5:
-                layers, width = [nn.MaxPool2d(2, stride=2)], dim
             else:
-                raise ValueError(f"scale factor {scale} is not one of 4, 2, 1, 0.5")
+                factor = int(1 / scale)
+                layers, width = [nn.MaxPool2d(factor, stride=factor)], dim
             layers += [
                 Conv2d(width, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels)),
                 Conv2d(
@@ -172,15 +187,16 @@ class _Level(nn.Module):
         # Learned resampling of the fused 2C map: a 1x1 conv at the coarser resolution and a
         # depth-to-space (together a transposed conv with kernel = stride = s, as ViTDet's
         # deconvolutions), or a space-to-depth and a 1x1 conv for downsampling.
-        if scale in (4.0, 2.0, 1.0):
+        if _check_scale(scale) >= 1.0:
             factor = int(scale)
             self.resample = nn.Sequential(
                 nn.Conv2d(2 * dim, out_channels * factor * factor, 1), nn.PixelShuffle(factor)
             )
-        elif scale == 0.5:
-            self.resample = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(8 * dim, out_channels, 1))
         else:
-            raise ValueError(f"scale factor {scale} is not one of 4, 2, 1, 0.5")
+            factor = int(1 / scale)
+            self.resample = nn.Sequential(
+                nn.PixelUnshuffle(factor), nn.Conv2d(2 * dim * factor * factor, out_channels, 1)
+            )
         self.resample_norm = get_norm(norm, out_channels)
         # Not "blocks": layer-wise lr decay reads "blocks.{i}" as trunk depth.
         self.couplings = nn.ModuleList(
@@ -190,7 +206,7 @@ class _Level(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, fuse, backprop: str) -> torch.Tensor:
         # The trunk's fusion (concat + LayerNorm) normalises the streams; recomputed per level
-        # rather than stored, since it is cheap at stride 16.
+        # rather than stored, since it is cheap at the trunk's resolution.
         x = self.resample_norm(self.resample(fuse(x1, x2)))
         y1, y2 = reversible_sequence(list(self.couplings), *x.chunk(2, dim=1), backprop=backprop)
         return self.norm(torch.cat([y1, y2], dim=1))
@@ -201,11 +217,11 @@ class ReversibleFeaturePyramid(_PyramidBase):
 
     It takes the trunk's two streams (``net.forward_streams``), not their fusion. Per level::
 
-        x1, x2 (C, stride 16)        kept anyway: the trunk's reversible output
+        x1, x2 (C, trunk stride t)   kept anyway: the trunk's reversible output
           | the trunk's fusion: concat + LayerNorm over 2C           (recomputed)
           | 1x1 conv to s^2 D + depth-to-space (s = 4, 2, 1),       (recomputed)
-          |   or space-to-depth + 1x1 conv to D (s = 0.5); norm
-        h (D channels, stride 16 / s)
+          |   or space-to-depth + 1x1 conv to D (s = 0.5, 0.25); norm
+        h (D channels, stride t / s)
           | two halves -> N additive coupling blocks               (invertible: rebuilt)
           |   y1 = h1 + F(h2), y2 = h2 + G(y1);  F, G = norm + 3x3 conv + GELU
           | concat, norm                                           (recomputed)
@@ -219,10 +235,11 @@ class ReversibleFeaturePyramid(_PyramidBase):
     "autograd" mode the same architecture stores every activation (the fair baseline).
 
     Args:
-        net: the trunk: a Backbone with ``forward_streams(x) -> (x1, x2)``, each (B, C, H/16,
-            W/16), ``fuse(x1, x2) -> (B, 2C, H/16, W/16)`` and ``backprop``.
+        net: the trunk: a Backbone with ``forward_streams(x) -> (x1, x2)``, each (B, C, H/t,
+            W/t), ``fuse(x1, x2) -> (B, 2C, H/t, W/t)`` and ``backprop``.
         out_channels: channels of every output level (even).
-        scale_factors: resampling per level (4, 2, 1, 0.5 give p2-p5).
+        scale_factors: resampling per level (trunk stride / level stride: 4, 2, 1, 0.5 give
+            p2-p5 on a stride-16 trunk, 2, 1, 0.5, 0.25 on a stride-8 one).
         num_blocks: coupling blocks per level.
         top_block: extra coarser levels from the last one (e.g. LastLevelMaxPool for p6).
         norm: "LN", a Detectron2 norm name, or a callable taking the channel count.
