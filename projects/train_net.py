@@ -102,8 +102,12 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
 
-def setup(args):
+def setup(args, extra_config=()):
+    """The config of ``args``; ``extra_config``: functions adding a project's keys (e.g.
+    PointRend's ``add_pointrend_config``), called before rev_det's and the file's."""
     cfg = get_cfg()
+    for add_config in extra_config:
+        add_config(cfg)
     rev_det.add_revdet_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
@@ -113,8 +117,8 @@ def setup(args):
     return cfg
 
 
-def main(args):
-    cfg = setup(args)
+def main(args, extra_config=()):
+    cfg = setup(args, extra_config)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         AtomicCheckpointer(
@@ -129,11 +133,12 @@ def main(args):
     return trainer.train()
 
 
-def invoke_main():
+def invoke_main(main_func=main):
+    """Parse the command line and run ``main_func(args)`` in every process ``launch`` starts."""
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     return launch(
-        main,
+        main_func,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,

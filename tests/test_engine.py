@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from rev_det.reversible import BACKPROP_MODES, ReversibleBlock, ReversibleSequence, engine
+from rev_det.reversible import (
+    BACKPROP_MODES,
+    ReversibleBlock,
+    ReversibleSequence,
+    drift,
+    engine,
+    schedule,
+)
 from rev_det.utils.memory import MemoryTracker
 
 
@@ -299,7 +306,7 @@ def test_non_finite_forward_output_is_reported_as_such():
         (y1.sum() + y2.sum()).backward()
 
 
-class FakeLane(engine._Lane):
+class FakeLane(schedule.Lane):
     """A stand-in CUDA stream that records, with vector clocks, what would run after what.
 
     Each operation on a lane (a function re-run, a gradient through it) gets the lane's vector
@@ -380,7 +387,7 @@ def test_parallel_schedule_keeps_data_dependencies_across_lanes(monkeypatch):
     x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
     out, serial = run(stack, x, "reversible")
     main, side = FakeLane("main"), FakeLane("side")
-    monkeypatch.setattr(engine, "_lanes", lambda device, parallel: ((main, side), 1))
+    monkeypatch.setattr(schedule, "select_lanes", lambda device, parallel: ((main, side), 1))
     Traced.log.clear()
     start = main.op()  # e.g. the optimizer step that last wrote the parameters
     out_p, parallel = run(stack, x, "reversible")
@@ -415,8 +422,8 @@ def test_parallel_backward_on_cpu_runs_serially_and_says_so(caplog):
     x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
     _, serial = run(stack, x, "reversible")
     stack.parallel_backward = True
-    engine._log_serial_fallback.cache_clear()
-    with caplog.at_level(logging.INFO, logger=engine.__name__):
+    schedule._log_serial_fallback.cache_clear()
+    with caplog.at_level(logging.INFO, logger=schedule.__name__):
         _, parallel = run(stack, x, "reversible")
         run(stack, x, "reversible")
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
@@ -429,7 +436,7 @@ def test_reconstruction_drift_is_measured_by_the_backward_steps():
     torch.manual_seed(0)
     stack = make_stack(6, torch.float32).eval()
     x1, x2 = torch.randn(2, 2, 12, 16)
-    errors = engine.measure_reconstruction(list(stack), x1, x2)
+    errors = drift.measure_reconstruction(list(stack), x1, x2)
     assert errors.shape == (6, 2) and errors.dtype == torch.float32
     # The same errors as a chain of ReversibleBlock.inverse (eval mode: no random draws).
     inputs, y = [], (x1, x2)
@@ -439,7 +446,7 @@ def test_reconstruction_drift_is_measured_by_the_backward_steps():
     expected = []
     for block, true in zip(reversed(stack), reversed(inputs)):
         y = block.inverse(*y)
-        expected.append(engine._relative_errors(y, true))
+        expected.append(drift._relative_errors(y, true))
     assert torch.equal(errors, torch.stack(expected[::-1]))
     assert 0 < errors[0, 0] < 1e-5
 
@@ -448,7 +455,7 @@ def test_drift_measurement_replays_randomness_and_leaves_the_generators_alone():
     stack = make_stack(6).train()  # float64, dropout and drop path active
     x = torch.randn(2, 12, 16, dtype=torch.float64)
     state = torch.get_rng_state()
-    errors = engine.measure_reconstruction(list(stack), x, x)
+    errors = drift.measure_reconstruction(list(stack), x, x)
     assert torch.equal(torch.get_rng_state(), state)
     assert errors.max() < 1e-12  # different draws in the re-runs would give O(1) errors
 
@@ -457,7 +464,7 @@ def test_sequence_inputs_are_recorded_once_and_only_when_rebuilt():
     stack = make_stack(3).train()
     x = torch.randn(1, 4, 16, dtype=torch.float64)
     stack(x, x)  # outside the context: nothing kept
-    with engine.record_sequence_inputs() as records:
+    with drift.record_sequence_inputs() as records:
         stack(x, x)
         stack.backprop = "checkpoint"  # nothing is rebuilt: nothing to measure
         stack(x, x)
@@ -468,7 +475,7 @@ def test_sequence_inputs_are_recorded_once_and_only_when_rebuilt():
     assert len(records) == 1 and records[0].blocks == tuple(stack)
     assert torch.equal(records[0].x1, x) and not records[0].x1.requires_grad
     assert records[0].measure().shape == (3, 2)
-    assert not engine._recorders
+    assert not engine.REBUILT_SEQUENCE_OBSERVERS
 
 
 def test_parameter_gradient_hooks_fire_once_per_backward():

@@ -15,7 +15,7 @@ from test_configs import fake_batch, tiny_cfg
 from test_engine import Block, rel_err
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rev_det.reversible import ReversibleBlock, ReversibleSequence, engine
+from rev_det.reversible import ReversibleBlock, ReversibleSequence, schedule
 from rev_det.training import RevAMPTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -54,11 +54,11 @@ def run(stack, x, backprop, parallel=False, seed=1):
 
 
 def test_parallel_backward_uses_two_cuda_streams():
-    (main, side), lookahead = engine._lanes(torch.device(DEVICE), parallel=True)
+    (main, side), lookahead = schedule.select_lanes(torch.device(DEVICE), parallel=True)
     assert lookahead == 1 and main.stream == torch.cuda.current_stream()
     assert side.stream != main.stream
-    (serial, _), lookahead = engine._lanes(torch.device(DEVICE), parallel=False)
-    assert lookahead == 0 and serial is engine._SERIAL
+    (serial, _), lookahead = schedule.select_lanes(torch.device(DEVICE), parallel=False)
+    assert lookahead == 0 and serial is schedule.SERIAL
 
 
 def test_gradients_equal_across_modes_float32():

@@ -19,16 +19,10 @@ a COCO evaluator), and the flags are the same: ``--config-file``, ``--eval-only`
 import importlib.util
 import os
 
-import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.evaluation import verify_results
 from detectron2.projects.point_rend import add_pointrend_config
 
 # Workers started by `launch` import this file anew, so rev_det is registered in each of them.
-import rev_det
-from rev_det.data import prepare_datasets
+import rev_det  # noqa: F401
 
 
 def _load_rev_det_train_net():
@@ -40,45 +34,18 @@ def _load_rev_det_train_net():
     return module
 
 
-Trainer = _load_rev_det_train_net().Trainer
+_train_net = _load_rev_det_train_net()
+Trainer = _train_net.Trainer
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_pointrend_config(cfg)
-    rev_det.add_revdet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    default_setup(cfg, args)
-    prepare_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
-    return cfg
+    return _train_net.setup(args, extra_config=(add_pointrend_config,))
 
 
+# Defined here, not taken from the loaded module, so that `launch` can pickle it for workers.
 def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        res = Trainer.test(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, res)
-        return res
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    return _train_net.main(args, extra_config=(add_pointrend_config,))
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    _train_net.invoke_main(main)

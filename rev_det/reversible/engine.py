@@ -33,8 +33,9 @@ the last block, then of the one before, and so on. A step (:class:`_Step`)
 
 Serially each step rebuilds, then back-propagates, so one function's activations are alive at
 a time. With ``parallel_backward`` on CUDA (the PaReprop idea), step k + 1 is rebuilt on one
-CUDA stream while step k back-propagates on another (:func:`_run_backward`): the same
-arithmetic on the same tensors, so the same gradients, with two functions' activations alive.
+CUDA stream while step k back-propagates on another (:mod:`rev_det.reversible.schedule`): the
+same arithmetic on the same tensors, so the same gradients, with two functions' activations
+alive.
 
 Recomputation replays the forward exactly: the CPU and CUDA random number generator states
 seen by F and G in forward are restored around their re-runs (dropout and drop path draw the
@@ -43,34 +44,29 @@ would be after ordinary autograd. In eval mode or without grad no custom Functio
 
 Reconstruction is watched: a rebuilt stream that is not finite raises
 :class:`ReconstructionError` naming the block (one device-to-host copy per sequence, at the
-end of its backward). :func:`measure_reconstruction` measures how far rebuilt inputs drift from
-the true ones (in half precision the subtraction is not exact), and
-:func:`record_sequence_inputs` keeps what the sequences of a training step ran on, to measure it
-during training.
+end of its backward). How far rebuilt inputs drift from the true ones (in half precision the
+subtraction is not exact) is measured by :mod:`rev_det.reversible.drift`.
 
 This module depends on torch only.
 """
 
-import collections
 import contextlib
-import functools
 import logging
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
+
+from . import schedule
 
 __all__ = [
     "BACKPROP_MODES",
     "ReconstructionError",
     "ReversibleBlock",
     "ReversibleSequence",
-    "SequenceInput",
     "describe_block",
-    "measure_reconstruction",
     "name_reversible_blocks",
-    "record_sequence_inputs",
     "reversible_sequence",
 ]
 
@@ -81,6 +77,10 @@ BACKPROP_MODES = ("reversible", "autograd", "checkpoint")
 # The inverse of a block, step by step: (function, the stream it reads). Each step subtracts the
 # function of the stream it reads from the other stream: X2 = Y2 - G(Y1), then X1 = Y1 - F(X2).
 INVERSE_STEPS = (("G", 0), ("F", 1))
+
+# Called as f(blocks, x1, x2) by every sequence whose inputs the backward will rebuild (once per
+# forward); rev_det.reversible.drift.record_sequence_inputs adds one to measure the drift.
+REBUILT_SEQUENCE_OBSERVERS: List[Callable] = []
 
 
 class ReconstructionError(FloatingPointError):
@@ -122,7 +122,7 @@ class ReversibleBlock(nn.Module):
         one at a time, re-running each function under autograd. In training mode F and G must
         draw the random numbers of the forward (the backward replays them; here the caller
         does). In floating point the rebuilt input differs from the true one by rounding, more so
-        in half precision: see :func:`measure_reconstruction`.
+        in half precision: see :func:`rev_det.reversible.drift.measure_reconstruction`.
         """
         streams = (y1, y2)
         for name, source in INVERSE_STEPS:
@@ -288,161 +288,6 @@ def _steps(blocks, rng, trainable_ids) -> List[_Step]:
     return steps
 
 
-class _Lane:
-    """Where steps of the backward run: here, in order on the current stream (CPU, or serial).
-
-    :class:`_CudaLane` runs them on a CUDA stream. The scheduling in :func:`_run_backward` is
-    written once against this interface; on a ``_Lane`` its synchronisation does nothing.
-    """
-
-    def run(self):
-        """A context in which work is enqueued on this lane."""
-        return contextlib.nullcontext()
-
-    def mark(self):
-        """An event marking the work enqueued on this lane so far."""
-        return None
-
-    def wait(self, event):
-        """Make later work on this lane wait for ``event`` (of another lane)."""
-
-    def wait_all(self, other: "_Lane"):
-        """Make later work on this lane wait for all work enqueued on ``other`` so far."""
-
-    def receive(self, tensor: torch.Tensor):
-        """Tell the allocator that this lane uses ``tensor``, made on another lane."""
-
-
-class _CudaLane(_Lane):
-    def __init__(self, stream: torch.cuda.Stream):
-        self.stream = stream
-
-    def run(self):
-        return torch.cuda.stream(self.stream)
-
-    def mark(self):
-        return self.stream.record_event()
-
-    def wait(self, event):
-        self.stream.wait_event(event)
-
-    def wait_all(self, other: "_CudaLane"):
-        self.stream.wait_stream(other.stream)
-
-    def receive(self, tensor: torch.Tensor):
-        # The caching allocator reuses a freed tensor's memory for the next allocation on the
-        # stream that made it, with no regard for other streams that may still be reading it.
-        # record_stream delays that reuse until this stream's work enqueued so far is done.
-        tensor.record_stream(self.stream)
-
-
-_SERIAL = _Lane()
-
-
-@functools.lru_cache(maxsize=None)
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _log_serial_fallback(device_type: str):
-    logger.info(
-        "parallel_backward needs CUDA streams; on %s the reversible backward runs serially "
-        "(same gradients).",
-        device_type,
-    )
-
-
-def _lanes(device: torch.device, parallel: bool) -> Tuple[Tuple[_Lane, _Lane], int]:
-    """The two lanes of the backward and how many steps the rebuilding runs ahead (0 or 1)."""
-    if parallel and device.type == "cuda":
-        main = _CudaLane(torch.cuda.current_stream(device))
-        return (main, _CudaLane(_side_stream(device))), 1
-    if parallel:
-        _log_serial_fallback(device.type)
-    return (_SERIAL, _SERIAL), 0
-
-
-class _Handle(NamedTuple):
-    """A tensor passed between steps, with the lane that made it and an event marking when."""
-
-    tensor: torch.Tensor
-    lane: _Lane
-    ready: object
-
-
-def _take(handle: _Handle, lane: _Lane) -> torch.Tensor:
-    """``handle``'s tensor, safe to use on ``lane``."""
-    if handle.lane is not lane:
-        lane.wait(handle.ready)  # its maker has finished writing it
-        lane.receive(handle.tensor)  # and its memory is not reused while this lane reads it
-    return handle.tensor
-
-
-def _run_backward(steps: Sequence[_Step], streams, grads, lanes, lookahead: int):
-    """Run the backward's steps; return the gradients of the input streams and finiteness flags.
-
-    Step k runs on lane ``k % 2``, rebuilding and then back-propagating. Rebuilding step k + 1
-    needs nothing from step k's back-propagation, so on two CUDA streams the two can run at
-    the same time::
-
-        lane 0:  rebuild 0 | backprop 0 | rebuild 2 | backprop 2 | ...
-        lane 1:              rebuild 1  | backprop 1 | rebuild 3 | ...
-
-    With ``lookahead`` 1 the host also enqueues step k + 1's rebuild before step k's
-    back-propagation, so that the rebuild can start at once.
-
-    The data dependencies, and how they are kept across lanes:
-
-    * rebuild k reads the stream rebuilt by step k - 1 (the other lane) and, with autograd,
-      builds the graph that backprop k runs on lane k % 2 too: autograd runs backward kernels on
-      the stream of their forward kernels, which is why steps alternate lanes rather than one
-      lane rebuilding and the other back-propagating;
-    * backprop k reads the gradient made by backprop k - 1 (the other lane);
-    * the parameters, written by the optimizer, and the saved outputs and incoming gradients
-      come from the main lane (lane 0, the stream autograd called this backward on), which
-      lane 1 waits for first; the main lane waits for all of lane 1 at the end, parameter
-      gradients included.
-
-    Every tensor passed between steps travels in a :class:`_Handle`: a step on another lane
-    waits for the event marking it made (``wait``) and tells the allocator it uses it
-    (``receive``), so it is neither read early nor reused early. Everything else a step makes
-    (its output, its autograd graph, its gradients) stays on its lane. On CPU and on the serial
-    path both lanes are one ``_Lane`` and all of this does nothing.
-    """
-    main, side = lanes
-    side.wait_all(main)  # whatever ran before this backward (the optimizer step, the forward)
-    ready = main.mark()
-    streams = [_Handle(s, main, ready) for s in streams]
-    grads = [_Handle(g, main, ready) for g in grads]
-    finite = [torch.isfinite(streams[0].tensor).all() & torch.isfinite(streams[1].tensor).all()]
-    pending = collections.deque()
-
-    def backprop(k: int):
-        step, lane = steps[k], lanes[k % 2]
-        target = 1 - step.source
-        with lane.run():
-            grad = step.backprop(_take(grads[target], lane), _take(grads[step.source], lane))
-            grads[step.source] = _Handle(grad, lane, lane.mark())
-
-    for k, step in enumerate(steps):
-        lane = lanes[k % 2]
-        with lane.run():
-            rebuilt = step.rebuild((_take(streams[0], lane), _take(streams[1], lane)))
-            target = 1 - step.source
-            streams[target] = _Handle(rebuilt[target], lane, lane.mark())
-            finite.append(torch.isfinite(rebuilt[target]).all())
-        pending.append(k)
-        if len(pending) > lookahead:
-            backprop(pending.popleft())
-    while pending:
-        backprop(pending.popleft())
-
-    dx = [_take(g, main) for g in grads]
-    main.wait_all(side)
-    return dx, torch.stack(finite)
-
-
 def _check_finite(finite: torch.Tensor, steps: Sequence[_Step], count: int):
     """Raise :class:`ReconstructionError` at the first non-finite flag (one host sync)."""
     if bool(finite.all()):
@@ -496,92 +341,15 @@ class _ReversibleFunction(torch.autograd.Function):
     def backward(ctx, dy1, dy2):
         y1, y2 = ctx.saved_tensors
         steps = _steps(ctx.blocks, ctx.rng, ctx.trainable_ids)
-        lanes, lookahead = _lanes(y1.device, ctx.parallel_backward)
+        lanes, lookahead = schedule.select_lanes(y1.device, ctx.parallel_backward)
         with _replay_autocast(ctx.autocast):
-            (dx1, dx2), finite = _run_backward(steps, (y1, y2), (dy1, dy2), lanes, lookahead)
+            (dx1, dx2), finite = schedule.run_backward(
+                steps, (y1, y2), (dy1, dy2), lanes, lookahead
+            )
         _check_finite(finite, steps, len(ctx.blocks))
         dx1 = dx1 if ctx.needs_input_grad[0] else None
         dx2 = dx2 if ctx.needs_input_grad[1] else None
         return dx1, dx2, None, None, None, None
-
-
-@torch.no_grad()
-def measure_reconstruction(
-    blocks: Sequence[ReversibleBlock], x1: torch.Tensor, x2: torch.Tensor
-) -> torch.Tensor:
-    """How far the reversible backward's rebuilt block inputs drift from the true ones.
-
-    Runs ``blocks`` forward from (x1, x2) keeping every block's input, then rebuilds the inputs
-    from the output by the backward's own steps (:class:`_Step`, same random draws), without
-    gradients. Runs under the caller's autocast; the global generators are left untouched.
-
-    Returns:
-        A float tensor of shape ``(len(blocks), 2)``: per block, the max and the mean relative
-        error of its rebuilt input over both streams, ``max |X' - X| / max |X|`` and
-        ``mean |X' - X| / mean |X|``. Row 0, the first block, has gone through every inversion.
-    """
-    x1, x2 = _upcast(x1), _upcast(x2)
-    devices, _ = get_device_states(x1, x2)
-    with torch.random.fork_rng(devices=devices):
-        inputs = []
-        y1, y2, rng = _run_forward(blocks, x1, x2, inputs)
-    streams, errors = (y1, y2), []
-    for step in _steps(blocks, rng, trainable_ids=set()):
-        streams = step.rebuild(streams, build_graph=False)
-        if step.name == INVERSE_STEPS[-1][0]:  # the block's last step: its input is rebuilt
-            errors.append(_relative_errors(streams, inputs[step.index]))
-    return torch.stack(errors[::-1])
-
-
-def _relative_errors(rebuilt, true) -> torch.Tensor:
-    diff = [(a - b).abs() for a, b in zip(rebuilt, true)]
-    size = [b.abs() for b in true]
-    tiny = torch.finfo(size[0].dtype).tiny
-    max_err = torch.maximum(*(d.max() for d in diff)) / torch.maximum(*(s.max() for s in size))
-    mean_err = sum(d.sum() for d in diff) / sum(s.sum() for s in size).clamp_min(tiny)
-    return torch.stack([max_err, mean_err]).float()
-
-
-class SequenceInput(NamedTuple):
-    """What one reversible sequence ran on: its blocks, its input streams, the autocast state."""
-
-    blocks: Tuple[ReversibleBlock, ...]
-    x1: torch.Tensor
-    x2: torch.Tensor
-    autocast: list
-
-    def measure(self) -> torch.Tensor:
-        """:func:`measure_reconstruction` on this input, in the autocast state it ran in."""
-        with _replay_autocast(self.autocast):
-            return measure_reconstruction(self.blocks, self.x1, self.x2)
-
-
-_recorders: List[List[SequenceInput]] = []
-
-
-@contextlib.contextmanager
-def record_sequence_inputs():
-    """Record the input of every reversible sequence that runs inside this context.
-
-    Only sequences that back-propagate with ``backprop="reversible"`` in training (those whose
-    inputs are rebuilt) are recorded, each once (a sequence re-run by a checkpoint is the same
-    sequence). The inputs are kept detached until the context's list is dropped.
-
-    Yields:
-        The list of :class:`SequenceInput`, filled as sequences run.
-    """
-    records: List[SequenceInput] = []
-    _recorders.append(records)
-    try:
-        yield records
-    finally:
-        _recorders.remove(records)
-
-
-def _record(blocks: Tuple[ReversibleBlock, ...], x1: torch.Tensor, x2: torch.Tensor):
-    for records in _recorders:
-        if not any(r.blocks == blocks for r in records):
-            records.append(SequenceInput(blocks, x1.detach(), x2.detach(), _autocast_states()))
 
 
 def _check_backprop(backprop: str) -> str:
@@ -629,7 +397,8 @@ def reversible_sequence(
             x1, x2 = checkpoint(block, x1, x2, use_reentrant=False)
         return x1, x2
     blocks = tuple(blocks)
-    _record(blocks, x1, x2)
+    for observe in REBUILT_SEQUENCE_OBSERVERS:
+        observe(blocks, x1, x2)
     params = _unique_trainable_parameters(blocks)
     anchor = x1.new_empty(0).requires_grad_(bool(params))
     return _ReversibleFunction.apply(x1, x2, anchor, blocks, params, parallel_backward)
