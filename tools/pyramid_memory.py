@@ -8,6 +8,7 @@ backward, with frozen weights (parameter gradients excluded).
 
 Usage: ``python tools/pyramid_memory.py --size 1024 --dim 768``
 """
+
 import argparse
 
 import torch
