@@ -80,10 +80,10 @@ dataloader.evaluator.use_fast_impl = detectron2_has_compiled_ops()
 
 train = model_zoo.get_config("common/train.py").train
 train.device = "cpu"
-train.max_iter = 1200
+train.max_iter = 700
 train.amp.enabled = False
 train.seed = 42
-train.checkpointer.period = 600
+train.checkpointer.period = 350
 train.output_dir = "output/demo_lazy"
 train.init_checkpoint = ""
 
@@ -96,7 +96,7 @@ optimizer = L(torch.optim.AdamW)(
 
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[960, 1130], num_updates="${train.max_iter}"
+        values=[1.0, 0.1, 0.01], milestones=[560, 655], num_updates="${train.max_iter}"
     ),
     warmup_length=50 / train.max_iter,
     warmup_factor=0.001,
