@@ -2,18 +2,16 @@
 100 epochs at batch 64. Train with projects/lazyconfig_train_net.py."""
 
 import detectron2.data.transforms as T
-import torch
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-from detectron2.solver import WarmupParamScheduler
-from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from rev_det.modeling import LayerNorm2d, ReversibleFeaturePyramid, RevViT
-from rev_det.solver import get_optimizer_params
-from rev_det.utils import detectron2_has_compiled_ops
+from rev_det.modeling import ReversibleFeaturePyramid, RevViT
 
-model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+from ..common.data import dataloader
+from ..common.mask_rcnn import model
+from ..common.optim import lr_multiplier, optimizer
+
 model.backbone = L(ReversibleFeaturePyramid)(
     net=L(RevViT)(
         img_size=1024,
@@ -35,28 +33,17 @@ model.backbone = L(ReversibleFeaturePyramid)(
     norm="LN",
     square_pad=1024,
 )
-model.pixel_mean = [123.675, 116.28, 103.53]
-model.pixel_std = [58.395, 57.12, 57.375]
-model.input_format = "RGB"
-model.proposal_generator.head.conv_dims = [-1, -1]
-model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]
-model.roi_heads.box_head.fc_dims = [1024]
-model.roi_heads.box_head.conv_norm = LayerNorm2d
-model.roi_heads.mask_head.conv_norm = LayerNorm2d
 
-dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),
     L(T.ResizeScale)(min_scale=0.1, max_scale=2.0, target_height=1024, target_width=1024),
     L(T.FixedSizeCrop)(crop_size=(1024, 1024), pad=False),
 ]
-dataloader.train.mapper.image_format = "RGB"
 dataloader.train.mapper.recompute_boxes = True  # boxes from masks after cropping
 dataloader.train.total_batch_size = 64
 dataloader.test.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=1024, max_size=1024)
 ]
-dataloader.evaluator.use_fast_impl = detectron2_has_compiled_ops()
 
 train = model_zoo.get_config("common/train.py").train
 train.max_iter = 184375  # 100 epochs of train2017 at batch 64
@@ -65,19 +52,9 @@ train.ddp.fp16_compression = True
 train.init_checkpoint = ""  # e.g. MAE ViT-B converted by tools/convert_pretrained.py
 train.output_dir = "output/mask_rcnn_rev_vit_b_100ep"
 
-optimizer = L(torch.optim.AdamW)(
-    params=L(get_optimizer_params)(
-        base_lr="${..lr}", weight_decay="${..weight_decay}", lr_decay_rate=0.7, num_layers=12
-    ),
-    lr=1e-4,
-    betas=(0.9, 0.999),
-    weight_decay=0.1,
-)
-
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[163889, 177546], num_updates="${train.max_iter}"
-    ),
-    warmup_length=250 / train.max_iter,
-    warmup_factor=0.001,
-)
+optimizer.lr = 1e-4
+optimizer.weight_decay = 0.1
+optimizer.params.lr_decay_rate = 0.7
+optimizer.params.num_layers = 12
+lr_multiplier.scheduler.milestones = [163889, 177546]  # 88.9% and 96.3%
+lr_multiplier.warmup_length = 250 / train.max_iter

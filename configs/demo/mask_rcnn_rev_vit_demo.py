@@ -2,17 +2,15 @@
 scratch on the embedded shapes dataset, on CPU (projects/lazyconfig_train_net.py)."""
 
 import detectron2.data.transforms as T
-import torch
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-from detectron2.solver import WarmupParamScheduler
-from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from rev_det.modeling import LayerNorm2d, ReversibleFeaturePyramid, RevViT
-from rev_det.solver import get_optimizer_params
-from rev_det.utils import detectron2_has_compiled_ops
+
+from ..common.data import dataloader
+from ..common.optim import lr_multiplier, optimizer
 
 model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
 model.backbone = L(ReversibleFeaturePyramid)(
@@ -61,13 +59,11 @@ model.roi_heads.mask_head.conv_norm = LayerNorm2d
 model.roi_heads.mask_pooler.sampling_ratio = 2
 model.roi_heads.box_predictor.test_topk_per_image = 50
 
-dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 dataloader.train.dataset.names = "revdet_shapes_train"
 dataloader.train.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=(192, 224, 256), sample_style="choice", max_size=352),
     L(T.RandomFlip)(horizontal=True),
 ]
-dataloader.train.mapper.image_format = "RGB"
 dataloader.train.mapper.instance_mask_format = "bitmask"  # the shapes dataset stores RLE
 dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = 1
@@ -76,7 +72,6 @@ dataloader.test.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=224, max_size=352)
 ]
 dataloader.test.num_workers = 1
-dataloader.evaluator.use_fast_impl = detectron2_has_compiled_ops()
 
 train = model_zoo.get_config("common/train.py").train
 train.device = "cpu"
@@ -87,17 +82,7 @@ train.checkpointer.period = 350
 train.output_dir = "output/demo_lazy"
 train.init_checkpoint = ""
 
-optimizer = L(torch.optim.AdamW)(
-    params=L(get_optimizer_params)(base_lr="${..lr}", weight_decay="${..weight_decay}"),
-    lr=4e-4,
-    betas=(0.9, 0.999),
-    weight_decay=0.05,
-)
-
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[560, 655], num_updates="${train.max_iter}"
-    ),
-    warmup_length=50 / train.max_iter,
-    warmup_factor=0.001,
-)
+optimizer.lr = 4e-4
+optimizer.weight_decay = 0.05
+lr_multiplier.scheduler.milestones = [560, 655]
+lr_multiplier.warmup_length = 50 / train.max_iter
