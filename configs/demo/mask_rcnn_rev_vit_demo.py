@@ -69,7 +69,7 @@ dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = 1
 dataloader.test.dataset.names = "revdet_shapes_val"
 dataloader.test.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=224, max_size=352)
+    L(T.ResizeShortestEdge)(short_edge_length=256, max_size=352)
 ]
 dataloader.test.num_workers = 1
 
