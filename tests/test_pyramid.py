@@ -57,7 +57,7 @@ def test_inference_uses_no_recomputation(monkeypatch):
 
 @pytest.mark.parametrize("pyramid", ["reversible", "simple"])
 def test_patch_8_trunk_gets_the_same_p2_p6_pyramid(pyramid):
-    """build_rev_vit_backbone derives the scale factors from the trunk's stride."""
+    """The pyramids derive their default scale factors from the trunk's stride."""
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
 

@@ -38,9 +38,9 @@ speed (CUDA only; written against the CUDA APIs but not yet run on a GPU)
 Memory: on CPU the exact tensor tracker :class:`rev_det.utils.MemoryTracker` (bytes of live
 tensor storages, no allocator noise); on CUDA ``torch.cuda.max_memory_allocated`` after a
 reset (like the speed section, not yet run on a GPU). "peak" counts everything the step creates
-(activations, temporaries, parameter gradients); parameters themselves are listed apart and optimizer state is not included;
-"activations" is the peak of everything but parameter gradients (on CUDA: peak minus the
-gradients alive at the end); "stored" is what is alive
+(activations, temporaries, parameter gradients); parameters themselves are listed apart and
+optimizer state is not included; "activations" is the peak of everything but parameter
+gradients (on CUDA: peak minus the gradients alive at the end); "stored" is what is alive
 between forward and backward. Times are only compared as ratios within one run.
 
 Memory budget (CPU): a measurement whose tensor memory (parameters + peak), predicted by a

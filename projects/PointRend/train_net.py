@@ -35,11 +35,6 @@ def _load_rev_det_train_net():
 
 
 _train_net = _load_rev_det_train_net()
-Trainer = _train_net.Trainer
-
-
-def setup(args):
-    return _train_net.setup(args, extra_config=(add_pointrend_config,))
 
 
 # Defined here, not taken from the loaded module, so that `launch` can pickle it for workers.

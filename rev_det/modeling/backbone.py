@@ -20,8 +20,8 @@ __all__ = ["build_rev_vit_backbone", "build_rev_mvit_backbone", "build_pyramid",
 def build_pyramid(cfg, net: Backbone) -> Backbone:
     """Wrap a single-scale reversible trunk in the pyramid that ``cfg.MODEL.REV.PYRAMID`` names.
 
-    The levels are p2-p5 (strides 4-32) whatever the trunk's stride (its patch size), plus p6
-    from max-pooling p5, so that Mask R-CNN's heads and anchors see the pyramid they expect.
+    The pyramids' default levels are p2-p5 (strides 4-32) whatever the trunk's stride (its patch
+    size); p6 comes from max-pooling p5, as Mask R-CNN's heads and anchors expect.
     """
     kind = check_choice("MODEL.REV.PYRAMID", cfg.MODEL.REV.PYRAMID, PYRAMIDS)
     if kind == "fpn":
@@ -29,10 +29,8 @@ def build_pyramid(cfg, net: Backbone) -> Backbone:
             "MODEL.REV.PYRAMID = 'fpn' needs a multi-scale trunk (RevMViT); RevViT is single-scale: "
             "use 'reversible' or 'simple'."
         )
-    stride = net.output_shape()[net._out_features[0]].stride
     common = dict(
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        scale_factors=tuple(stride / s for s in (4, 8, 16, 32)),
         top_block=LastLevelMaxPool(),
         norm=cfg.MODEL.FPN.NORM or "LN",
         square_pad=cfg.MODEL.REV.SQUARE_PAD,

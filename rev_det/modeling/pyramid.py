@@ -42,7 +42,11 @@ class _PyramidBase(Backbone):
     """Names, strides and padding of a p2-p6 pyramid on a single-scale trunk."""
 
     def _init_outputs(self, net, scale_factors, out_channels, top_block, square_pad):
+        """Set the output names, strides and channels; return the scale factors (by default
+        those that give p2-p5, strides 4-32, from the trunk's stride)."""
         in_stride = net.output_shape()[net._out_features[0]].stride
+        if scale_factors is None:
+            scale_factors = tuple(in_stride / s for s in (4, 8, 16, 32))
         strides = [int(in_stride / s) for s in scale_factors]
         self._out_features = [f"p{int(math.log2(s))}" for s in strides]
         self._out_feature_strides = dict(zip(self._out_features, strides))
@@ -56,6 +60,7 @@ class _PyramidBase(Backbone):
         self._out_feature_channels = {k: out_channels for k in self._out_features}
         self._size_divisibility = max(self._out_feature_strides.values())
         self._square_pad = square_pad
+        return scale_factors
 
     @property
     def size_divisibility(self) -> int:
@@ -101,8 +106,9 @@ class SimpleFeaturePyramid(_PyramidBase):
         net: the trunk (a Backbone with a single-scale output ``in_feature``).
         in_feature: name of the trunk output to use.
         out_channels: channels of every output level.
-        scale_factors: resampling of the trunk output per level (trunk stride / level stride;
-            ViTDet's (4, 2, 1, 0.5) on a stride-16 trunk give p2-p5).
+        scale_factors: resampling of the trunk output per level (trunk stride / level stride);
+            None: p2-p5, i.e. ViTDet's (4, 2, 1, 0.5) on a stride-16 trunk, (2, 1, 0.5, 0.25) on
+            a stride-8 one.
         top_block: extra coarser levels from the last one (e.g. LastLevelMaxPool for p6).
         norm: "LN", a Detectron2 norm name, or a callable taking the channel count.
         square_pad: pad inputs to a square of this size, rounded up to size_divisibility (0: pad
@@ -114,7 +120,7 @@ class SimpleFeaturePyramid(_PyramidBase):
         net: Backbone,
         in_feature: str = "last_feat",
         out_channels: int = 256,
-        scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+        scale_factors: Optional[Sequence[float]] = None,
         top_block: Optional[nn.Module] = None,
         norm="LN",
         square_pad: int = 0,
@@ -122,7 +128,7 @@ class SimpleFeaturePyramid(_PyramidBase):
         super().__init__()
         self.net = net
         self.in_feature = in_feature
-        self._init_outputs(net, scale_factors, out_channels, top_block, square_pad)
+        scale_factors = self._init_outputs(net, scale_factors, out_channels, top_block, square_pad)
         dim = net.output_shape()[in_feature].channels
         self.stages = []
         for scale, name in zip(scale_factors, self._out_features):
@@ -238,8 +244,8 @@ class ReversibleFeaturePyramid(_PyramidBase):
         net: the trunk: a Backbone with ``forward_streams(x) -> (x1, x2)``, each (B, C, H/t,
             W/t), ``fuse(x1, x2) -> (B, 2C, H/t, W/t)`` and ``backprop``.
         out_channels: channels of every output level (even).
-        scale_factors: resampling per level (trunk stride / level stride: 4, 2, 1, 0.5 give
-            p2-p5 on a stride-16 trunk, 2, 1, 0.5, 0.25 on a stride-8 one).
+        scale_factors: resampling per level (trunk stride / level stride); None: p2-p5, i.e.
+            (4, 2, 1, 0.5) on a stride-16 trunk, (2, 1, 0.5, 0.25) on a stride-8 one.
         num_blocks: coupling blocks per level.
         top_block: extra coarser levels from the last one (e.g. LastLevelMaxPool for p6).
         norm: "LN", a Detectron2 norm name, or a callable taking the channel count.
@@ -252,7 +258,7 @@ class ReversibleFeaturePyramid(_PyramidBase):
         self,
         net: Backbone,
         out_channels: int = 256,
-        scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+        scale_factors: Optional[Sequence[float]] = None,
         num_blocks: int = 2,
         top_block: Optional[nn.Module] = None,
         norm="LN",
@@ -266,7 +272,7 @@ class ReversibleFeaturePyramid(_PyramidBase):
                 "two-stream trunk such as RevViT."
             )
         self.net = net
-        self._init_outputs(net, scale_factors, out_channels, top_block, square_pad)
+        scale_factors = self._init_outputs(net, scale_factors, out_channels, top_block, square_pad)
         dim = net.output_shape()[net._out_features[0]].channels // 2  # per stream
         self.levels = nn.ModuleList(
             _Level(s, dim, out_channels, num_blocks, norm) for s in scale_factors
