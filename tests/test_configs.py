@@ -231,3 +231,13 @@ def test_lr_decay_treats_only_trunk_blocks_as_depth():
     for name, _ in model.named_parameters():
         if not name.startswith(("backbone.net.", "backbone.net")):
             assert lr_decay_layer_id(name, depth) == depth + 1, name
+
+
+@pytest.mark.parametrize("path", LAZY, ids=os.path.basename)
+def test_every_lazy_config_trains_with_the_resumable_loader(path):
+    """configs/common/data.py: --resume continues with the batches of an uninterrupted run."""
+    from rev_det.data import build_resumable_train_loader
+
+    cfg = LazyConfig.load(path)
+    assert cfg.dataloader.train._target_ is build_resumable_train_loader
+    assert cfg.dataloader.train.mapper.image_format == "RGB"
