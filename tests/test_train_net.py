@@ -14,7 +14,7 @@ from rev_det.data import ensure_shapes_dataset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from demo_equivalence import demo_losses, relative_differences  # noqa: E402
+from demo_equivalence import demo_gradients, demo_losses, relative_differences  # noqa: E402
 
 DEMO_YAML = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
 DEMO_LAZY = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.py")
@@ -139,12 +139,25 @@ def test_demo_reversible_and_autograd_losses_agree_for_20_iterations():
     assert max(relative_differences(autograd, reversible)) <= 1e-9, (autograd, reversible)
 
 
-def test_demo_reversible_and_autograd_losses_agree_in_float32_before_any_discrete_flip():
-    """The same in float32 (the demo's dtype) for the first updates, to a rounding tolerance."""
+def test_demo_float32_step_gradients_of_reversible_and_checkpoint_equal_autograd():
+    """In float32 (the demo's dtype), one step of the demo config from the same weights, batch
+    and RNG state: every gradient of "reversible" equals autograd's to rounding, and
+    "checkpoint" (which re-runs the same forward) equals it bit for bit.
+
+    Losses several steps later are no such test: a rounding-level difference can flip one of
+    Mask R-CNN's discrete choices, after which any two runs part (see the float64 test above).
+    """
     modes = ("autograd", "reversible", "checkpoint")
-    autograd, reversible, checkpoint = demo_losses(DEMO_YAML, modes, 3, torch.float32)
-    assert max(relative_differences(autograd, reversible)) <= 1e-5, (autograd, reversible)
-    assert checkpoint == autograd
+    autograd, reversible, checkpoint = demo_gradients(DEMO_YAML, modes, torch.float32)
+    assert autograd.keys() == reversible.keys() == checkpoint.keys()
+    assert any(k.startswith("backbone.net.blocks.") for k in autograd)
+    scale = torch.cat([g.flatten() for g in autograd.values()]).norm()
+    for name, g in autograd.items():
+        error = (reversible[name] - g).norm()
+        # Rounding of the rebuilt activations (~1e-7 relative) reaches the gradients; a wrong
+        # recomputation (a swapped stream, stale RNG) is off by the order of the gradient.
+        assert error <= 1e-4 * g.norm() + 1e-6 * scale, (name, error, g.norm())
+        assert torch.equal(checkpoint[name], g), name
 
 
 @pytest.mark.parametrize("entry", ["yacs", "lazy"])

@@ -16,6 +16,7 @@ Example (the measurement quoted in README "Demo equivalence")::
 """
 
 import argparse
+import contextlib
 import copy
 import os
 from typing import Dict, List, Sequence
@@ -38,15 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
 
 
-def demo_losses(
-    config_file: str,
-    modes: Sequence[str],
-    iterations: int,
-    dtype: torch.dtype = torch.float32,
-    perturb: float = 0.0,
-    opts: Sequence[str] = (),
-) -> List[List[float]]:
-    """The training losses of ``iterations`` steps per mode (a list per entry of ``modes``)."""
+def _prepare(config_file: str, iterations: int, dtype: torch.dtype, opts: Sequence[str]):
+    """The config, a freshly initialised model in ``dtype`` and ``iterations`` training batches."""
     cfg = get_cfg()
     rev_det.add_revdet_config(cfg)
     cfg.merge_from_file(config_file)
@@ -57,14 +51,32 @@ def demo_losses(
     batches = [next(loader) for _ in range(iterations)]
     torch.manual_seed(0)
     model = build_model(cfg).to(dtype)
-    initial = copy.deepcopy(model.state_dict())
-    # Detectron2 v0.6 decodes boxes in fp32 whatever the model's dtype, and torchvision's NMS
-    # wants boxes and scores of one dtype: give it boxes in the scores' dtype (exact upcast).
+    return cfg, model, batches
+
+
+@contextlib.contextmanager
+def _nms_in_score_dtype():
+    """Detectron2 v0.6 decodes boxes in fp32 whatever the model's dtype, and torchvision's NMS
+    wants boxes and scores of one dtype: give it boxes in the scores' dtype (exact upcast)."""
     nms = box_ops.batched_nms
-    with mock.patch.object(
-        box_ops, "batched_nms", lambda b, s, i, t: nms(b.to(s.dtype), s, i, t)
-    ), EventStorage():
-        history = []
+    with mock.patch.object(box_ops, "batched_nms", lambda b, s, i, t: nms(b.to(s.dtype), s, i, t)):
+        with EventStorage():
+            yield
+
+
+def demo_losses(
+    config_file: str,
+    modes: Sequence[str],
+    iterations: int,
+    dtype: torch.dtype = torch.float32,
+    perturb: float = 0.0,
+    opts: Sequence[str] = (),
+) -> List[List[float]]:
+    """The training losses of ``iterations`` steps per mode (a list per entry of ``modes``)."""
+    cfg, model, batches = _prepare(config_file, iterations, dtype, opts)
+    initial = copy.deepcopy(model.state_dict())
+    history = []
+    with _nms_in_score_dtype():
         for k, mode in enumerate(modes):
             model.load_state_dict(initial)
             if k and perturb:
@@ -84,6 +96,33 @@ def demo_losses(
                 losses.append(loss.item())
             history.append(losses)
     return history
+
+
+def demo_gradients(
+    config_file: str,
+    modes: Sequence[str],
+    dtype: torch.dtype = torch.float32,
+    opts: Sequence[str] = (),
+) -> List[Dict[str, torch.Tensor]]:
+    """The gradients of one training step per mode, from the same weights, batch and RNG state.
+
+    The forward pass is the same computation in every mode, so Mask R-CNN's discrete choices
+    (top-k proposals, NMS, ROI sampling) are the same too, and the gradients differ only by the
+    rounding of the recomputed activations: a comparison that cannot flip by luck, unlike losses
+    several optimizer steps later.
+    """
+    _, model, (batch,) = _prepare(config_file, 1, dtype, opts)
+    grads = []
+    with _nms_in_score_dtype():
+        for mode in modes:
+            set_backprop(model, mode)
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            sum(model(batch).values()).backward()
+            grads.append(
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            )
+    return grads
 
 
 def relative_differences(reference: List[float], other: List[float]) -> List[float]:
