@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="Reversible vision-transformer backbones for Detectron2 (RevViT, RevMViT)",
     packages=find_packages(include=["rev_det", "rev_det.*"]),
+    # The shipped pretrained weights (rev_det.model_zoo: rev_det://...).
+    package_data={"rev_det.model_zoo": ["weights/*.pth"]},
     python_requires=">=3.9",
     # Detectron2 is required too, but it has no wheel on the package index:
     # `make setup` (tools/build_detectron2.py) builds one, or install it from source.

@@ -20,8 +20,10 @@ DEMO_YAML = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
 DEMO_LAZY = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.py")
 DEMO_MVIT = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.yaml")
 
-# The demo, shrunk to seconds per run: a 2-block trunk, small images, few iterations.
+# The demo, shrunk to seconds per run: a 2-block trunk (so without the demo's pretrained one),
+# small images, few iterations.
 TINY_YACS = [
+    "MODEL.WEIGHTS", "", "MODEL.REV.STRICT_LOAD", "False",
     "MODEL.REVVIT.EMBED_DIM", "96", "MODEL.REVVIT.DEPTH", "2",
     "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", "[0]", "MODEL.FPN.OUT_CHANNELS", "32",
     "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160",
@@ -30,6 +32,7 @@ TINY_YACS = [
     "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "20",
 ]  # fmt: skip
 TINY_LAZY = [
+    "train.init_checkpoint=''", "train.strict_load=False",
     "model.backbone.net.embed_dim=96", "model.backbone.net.depth=2",
     "model.backbone.net.window_block_indexes=[0]", "model.backbone.out_channels=32",
     "dataloader.train.mapper.augmentations.0.short_edge_length=[160]",

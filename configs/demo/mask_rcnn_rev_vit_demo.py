@@ -1,5 +1,5 @@
-"""LazyConfig twin of mask_rcnn_rev_vit_demo.yaml: a small RevViT Mask R-CNN trained from
-scratch on the embedded shapes dataset, on CPU (projects/lazyconfig_train_net.py)."""
+"""LazyConfig twin of mask_rcnn_rev_vit_demo.yaml: a small RevViT Mask R-CNN fine-tuned from a
+pretrained trunk on the embedded shapes dataset, on CPU (projects/lazyconfig_train_net.py)."""
 
 import detectron2.data.transforms as T
 from detectron2 import model_zoo
@@ -80,7 +80,9 @@ train.amp.enabled = False
 train.seed = 42
 train.checkpointer.period = 350
 train.output_dir = "output/demo_lazy"
-train.init_checkpoint = ""
+# The demo's pretrained trunk (rev_det.model_zoo checks its sha256); every trunk weight required.
+train.init_checkpoint = "rev_det://demo/rev_vit_demo_trunk.pth"
+train.strict_load = True
 
 optimizer.lr = 4e-4
 optimizer.weight_decay = 0.05

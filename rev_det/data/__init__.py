@@ -6,6 +6,7 @@ from .samplers import ResumableBatchSampler, ResumableTrainLoader, build_resumab
 from .shapes import (
     SHAPES_CATEGORIES,
     SHAPES_DATASETS,
+    draw_shapes_sample,
     ensure_shapes_dataset,
     register_shapes_datasets,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "ResumableBatchSampler",
     "ResumableTrainLoader",
     "build_resumable_train_loader",
+    "draw_shapes_sample",
     "ensure_shapes_dataset",
     "prepare_datasets",
     "register_shapes_datasets",

@@ -43,6 +43,7 @@ from tqdm import tqdm
 __all__ = [
     "SHAPES_CATEGORIES",
     "SHAPES_DATASETS",
+    "draw_shapes_sample",
     "ensure_shapes_dataset",
     "register_shapes_datasets",
     "shapes_dataset_dir",
@@ -287,6 +288,47 @@ def _draw_image(rng: np.random.Generator) -> Tuple[np.ndarray, List[dict]]:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), objects
 
 
+def _draw_jpeg(seed: int, stream: str, index: int) -> Tuple[bytes, np.ndarray, List[dict]]:
+    """Image ``index`` of the named stream: its JPEG bytes, its pixels and its objects."""
+    # crc32 rather than hash(): Python salts str hashes per process.
+    rng = np.random.default_rng([seed, zlib.crc32(stream.encode("utf-8")), index])
+    pixels, objects = _draw_image(rng)
+    buf = io.BytesIO()
+    # Fixed encoder settings make the bytes a pure function of the pixels.
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=_JPEG_QUALITY, optimize=False)
+    return buf.getvalue(), pixels, objects
+
+
+def draw_shapes_sample(stream: str, index: int, seed: int = 0) -> Tuple[Image.Image, List[dict]]:
+    """One image of the shapes generator outside the registered datasets, e.g. for pretraining.
+
+    The image is drawn exactly as the dataset's are (same distribution, same JPEG encoding) from
+    its own random stream, keyed by ``(seed, stream, index)``; a stream name other than the
+    dataset splits' ("train", "val") therefore never reproduces a dataset image.
+
+    Args:
+        stream: name of the image stream; "train" and "val" are refused.
+        index: image number in the stream (any non-negative integer).
+        seed: base seed, as for :func:`ensure_shapes_dataset`.
+
+    Returns:
+        The decoded RGB image, and its objects in painting order, each a dict with
+        ``category_id`` (as in :data:`SHAPES_CATEGORIES`) and ``mask`` (bool HxW, the visible
+        part).
+    """
+    if stream in _SPLITS:
+        raise ValueError(
+            f"stream {stream!r} is a split of the revdet_shapes datasets; name another stream "
+            "(e.g. 'pretrain') so that no dataset image, validation images included, is reused."
+        )
+    data, _, objects = _draw_jpeg(seed, stream, index)
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return image, [
+        {"category_id": SHAPES_CATEGORIES[o["category"]]["id"], "mask": o["visible"]}
+        for o in objects
+    ]
+
+
 def _encode_mask(mask: np.ndarray) -> dict:
     rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")  # json cannot store bytes
@@ -300,18 +342,11 @@ def _generate_split(
     json_file, image_root = _split_paths(dataset_dir, split)
     os.makedirs(image_root, exist_ok=True)
     os.makedirs(os.path.dirname(json_file), exist_ok=True)
-    # crc32 rather than hash(): Python salts str hashes per process.
-    split_key = zlib.crc32(split.encode("utf-8"))
     files: Dict[str, Tuple[int, str]] = {}
     images, annotations = [], []
     for index in tqdm(range(num_images), desc=f"revdet_shapes {split}", unit="img"):
-        rng = np.random.default_rng([seed, split_key, index])
-        pixels, objects = _draw_image(rng)
+        data, pixels, objects = _draw_jpeg(seed, split, index)
         file_name = f"{index:06d}.jpg"
-        buf = io.BytesIO()
-        # Fixed encoder settings make the bytes a pure function of the pixels.
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=_JPEG_QUALITY, optimize=False)
-        data = buf.getvalue()
         with open(os.path.join(image_root, file_name), "wb") as f:
             f.write(data)
         files[f"{split}/{file_name}"] = (len(data), hashlib.sha256(data).hexdigest())

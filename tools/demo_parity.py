@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Accuracy parity of the demo recipe: reversible vs ordinary autograd, with run-to-run noise.
+
+Fine-tunes the demo config (pretrained trunk) once per (backprop, pyramid, seed) through
+``projects/train_net.py``, reads each run's final COCO box / mask AP from its ``metrics.json``
+and measures the peak training memory per image of one step of that configuration (exact CPU
+tracker, as ``tools/demo_report.py``). Writes ``results.json`` and ``results.md`` (a table with
+the mean and spread over seeds) into ``--out``. A run whose ``metrics.json`` already holds the
+final AP is not trained again, so an interrupted comparison continues where it stopped.
+
+Example (README "Accuracy parity")::
+
+    python tools/demo_parity.py --seeds 42 43 --out benchmarks/demo_parity
+
+It takes one ``make demo`` training per run (4 runs with two seeds); it is not part of CI.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.modeling import build_model
+
+import rev_det
+from rev_det.data import prepare_datasets
+from rev_det.utils import MiB, training_step_peak
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
+# (MODEL.REV.BACKPROP, MODEL.REV.PYRAMID): rev_det's model, and the same trunk with stored
+# activations and ViTDet's pyramid: what a user would otherwise train.
+VARIANTS = (("reversible", "reversible"), ("autograd", "simple"))
+
+
+def final_ap(output_dir: str) -> Optional[Dict[str, float]]:
+    """The last ``bbox/AP`` and ``segm/AP`` in ``output_dir/metrics.json``, or None."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    found = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line) if line.strip() else {}
+            for task in ("bbox", "segm"):
+                if f"{task}/AP" in record:
+                    found[task] = record[f"{task}/AP"]
+    return found if len(found) == 2 else None
+
+
+def step_memory(config_file: str, opts: List[str], batch_size: int = 2) -> float:
+    """Peak MiB per image of one training step (activations and gradients)."""
+    cfg = get_cfg()
+    rev_det.add_revdet_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts + ["SOLVER.IMS_PER_BATCH", batch_size, "DATALOADER.NUM_WORKERS", 0])
+    prepare_datasets(cfg.DATASETS.TRAIN)
+    batch = next(iter(build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, True))))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    return training_step_peak(model, batch) / batch_size / MiB
+
+
+def run(config_file: str, backprop: str, pyramid: str, seed: int, out: str, extra: List[str]):
+    output_dir = os.path.join(out, f"{backprop}_{pyramid}_seed{seed}")
+    opts = ["MODEL.REV.BACKPROP", backprop, "MODEL.REV.PYRAMID", pyramid, *extra]
+    ap = final_ap(output_dir)
+    seconds = None
+    if ap is None:
+        began = time.perf_counter()
+        cmd = [sys.executable, os.path.join(ROOT, "projects", "train_net.py")]
+        cmd += ["--config-file", config_file, *opts, "SEED", str(seed), "OUTPUT_DIR", output_dir]
+        print("running:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        seconds = time.perf_counter() - began
+        ap = final_ap(output_dir)
+        if ap is None:
+            raise RuntimeError(f"{output_dir}/metrics.json has no final bbox/segm AP.")
+    return {
+        "backprop": backprop,
+        "pyramid": pyramid,
+        "seed": seed,
+        "box_ap": ap["bbox"],
+        "mask_ap": ap["segm"],
+        "train_and_eval_seconds": seconds,
+        "mib_per_image": step_memory(config_file, opts),
+        "output_dir": os.path.relpath(output_dir, ROOT),
+    }
+
+
+def table(runs: List[dict]) -> str:
+    lines = [
+        "| backprop + pyramid | box AP per seed | mask AP per seed | box AP mean (spread) |"
+        " mask AP mean (spread) | MiB per image (one step) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for backprop, pyramid in VARIANTS:
+        rs = [r for r in runs if (r["backprop"], r["pyramid"]) == (backprop, pyramid)]
+        if not rs:
+            continue
+        box, mask = [r["box_ap"] for r in rs], [r["mask_ap"] for r in rs]
+
+        def stat(v):
+            return f"{sum(v) / len(v):.1f} ({max(v) - min(v):.1f})"
+
+        lines.append(
+            f"| {backprop} + {pyramid} | {' / '.join(f'{b:.1f}' for b in box)} | "
+            f"{' / '.join(f'{m:.1f}' for m in mask)} | {stat(box)} | {stat(mask)} | "
+            f"{rs[0]['mib_per_image']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", default=DEMO_CONFIG)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
+    parser.add_argument("--out", default=os.path.join(ROOT, "output", "demo_parity"))
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    runs = [
+        run(args.config_file, backprop, pyramid, seed, args.out, args.opts)
+        for seed in args.seeds
+        for backprop, pyramid in VARIANTS
+    ]
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"config": args.config_file, "machine": machine, "runs": runs}, f, indent=1)
+    text = table(runs)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return runs
+
+
+if __name__ == "__main__":
+    main()
