@@ -2,17 +2,18 @@
 
 A detector that starts from a pretrained trunk is the recipe of every real one (ViTDet fine-tunes
 an MAE trunk, the paper's RevMViT an ImageNet one). rev_det's miniature of it for the embedded
-``revdet_shapes`` data is *dense shape segmentation*: the trunk reads images drawn by the same
-generator (from its own "pretrain" stream, never a dataset image) and a linear head on its output
-predicts, for every 4x4 pixel cell, which of the six shapes (or background) covers it::
+``revdet_shapes`` data trains the trunk on images drawn by the same generator (from its own
+"pretrain" stream, never a dataset image) with two linear heads on its output::
 
-    image (crop x crop) ──► trunk (the detector's, same module names) ──► (B, C', h, w), stride t
-        ──► 1x1 conv to K (t/4)^2 ──► depth-to-space (t/4) ──► (B, K, crop/4, crop/4) logits
-        ──► cross entropy against the cell-centre labels (padding ignored)
+    image (crop x crop) ──► trunk (the detector's, same module names) ──► (B, C, h, w), stride t
+        ├─► dense: 1x1 conv to (K+1) (t/4)^2, depth-to-space ──► per 4x4 cell: background or
+        │   one of the K shapes                              (cross entropy, padding ignored)
+        └─► classify: features averaged over each object's visible cells (mask pooling)
+            ──► linear ──► the object's shape                (cross entropy, one per object)
 
-The head is as weak as possible (linear), so that the trunk itself must learn what a star or a
-hexagon looks like, and where it is; it is thrown away after pretraining. The trunk trains in its
-configured backprop mode ("reversible": pretraining at reversible memory).
+The heads are as weak as possible (linear), so that the trunk itself must learn what a star or a
+hexagon looks like, and where it is; they are thrown away after pretraining. The trunk trains in
+its configured backprop mode ("reversible": pretraining at reversible memory).
 
 Everything a run does is a function of (seed, iteration): batch ``i`` holds stream images
 ``i * batch_size ...`` with per-image augmentation seeds and the iteration seeds torch's RNG
@@ -37,12 +38,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import atomic_open
-from .data.shapes import SHAPES_CATEGORIES, draw_shapes_sample
+from .data.shapes import MAX_OBJECTS, SHAPES_CATEGORIES, draw_shapes_sample
 
 __all__ = [
     "PretrainSchedule",
     "ShapesSegmentation",
-    "DenseShapesHead",
+    "ShapesPretrainHead",
     "detector_trunk",
     "export_trunk",
     "pretrain",
@@ -72,8 +73,11 @@ class ShapesSegmentation(Dataset):
         stream: the generator's image stream (see :func:`draw_shapes_sample`).
         seed: base seed of the stream and of the augmentation.
 
-    Items are dicts: ``image`` (3, crop, crop) float32 and ``labels`` (crop/4, crop/4) int64
-    holding 0 for background, ``k`` for ``SHAPES_CATEGORIES[k - 1]`` and -1 for padding.
+    Items are dicts of tensors: ``image`` (3, crop, crop) float32; ``labels`` (crop/4, crop/4)
+    int64 holding 0 for background, ``k`` for ``SHAPES_CATEGORIES[k - 1]`` and -1 for padding;
+    ``instances`` (crop/4, crop/4) int64, the object (1-based) covering each cell, 0 for
+    background, -1 for padding; ``classes`` (MAX_OBJECTS,) int64, the category id of each
+    object, 0 where there is none (or it was cropped away).
     """
 
     def __init__(
@@ -105,21 +109,25 @@ class ShapesSegmentation(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         image, objects = draw_shapes_sample(self.stream, index, self.seed)
-        labels = np.zeros((image.height, image.width), dtype=np.int64)
-        for obj in objects:  # visible masks are disjoint
-            labels[obj["mask"]] = obj["category_id"]
+        # One map holds both targets: object k (1-based, painting order) in the low byte's
+        # range, so that resizing and cropping move categories and instances together.
+        instances = np.zeros((image.height, image.width), dtype=np.uint8)
+        classes = torch.zeros(MAX_OBJECTS, dtype=torch.int64)
+        for k, obj in enumerate(objects, start=1):  # visible masks are disjoint
+            instances[obj["mask"]] = k
+            classes[k - 1] = obj["category_id"]
 
         rng = np.random.default_rng([self.seed, 1, index])  # augmentation, apart from drawing
         scale = int(rng.choice(self.scales)) / min(image.height, image.width)
         size = (round(image.width * scale), round(image.height * scale))
         image = image.resize(size, Image.BILINEAR)
-        labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(size, Image.NEAREST))
+        instances = np.asarray(Image.fromarray(instances).resize(size, Image.NEAREST))
         pixels = detection_utils.convert_PIL_to_numpy(image, self.input_format)
         if rng.random() < 0.5:
-            pixels, labels = pixels[:, ::-1], labels[:, ::-1]
+            pixels, instances = pixels[:, ::-1], instances[:, ::-1]
 
         x = (torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() - self.mean) / self.std
-        y = torch.from_numpy(labels.astype(np.int64))
+        y = torch.from_numpy(instances.astype(np.int64))
         out_x = torch.zeros(x.shape[0], self.crop, self.crop)
         out_y = torch.full((self.crop, self.crop), IGNORE, dtype=torch.int64)
         h, w = min(self.crop, x.shape[1]), min(self.crop, x.shape[2])
@@ -127,31 +135,58 @@ class ShapesSegmentation(Dataset):
         left = int(rng.integers(x.shape[2] - w + 1))
         out_x[:, :h, :w] = x[:, top : top + h, left : left + w]
         out_y[:h, :w] = y[top : top + h, left : left + w]
-        # The label of a cell is that of its centre pixel: what the stride-4 map is centred on.
+        # The target of a cell is that of its centre pixel: what the stride-4 map is centred on.
         centre = LABEL_STRIDE // 2
-        return {"image": out_x, "labels": out_y[centre::LABEL_STRIDE, centre::LABEL_STRIDE]}
+        cells = out_y[centre::LABEL_STRIDE, centre::LABEL_STRIDE]
+        labels = torch.where(cells > 0, classes[(cells - 1).clamp(min=0)], cells)
+        # An object cropped away entirely is no classification target.
+        present = torch.zeros(MAX_OBJECTS + 1, dtype=torch.bool)
+        present[cells[cells > 0]] = True
+        classes = torch.where(present[1:], classes, torch.zeros_like(classes))
+        return {"image": out_x, "labels": labels, "instances": cells, "classes": classes}
 
 
-class DenseShapesHead(nn.Module):
-    """A linear per-cell classifier on a trunk's feature map: (B, C, h, w) -> (B, K, h r, w r).
+class ShapesPretrainHead(nn.Module):
+    """The two pretraining heads on a trunk's (B, C, h, w) feature map, both linear.
 
-    A 1x1 conv to ``num_classes * r^2`` channels and a depth-to-space by ``r`` (a linear
-    "transposed conv" with kernel = stride = r): every output cell is a linear function of the
-    trunk feature above it.
+    * ``dense``: a 1x1 conv to ``(K + 1) r^2`` channels and a depth-to-space by ``r`` (a linear
+      "transposed conv" with kernel = stride = r): per 4x4 cell, background or one of the K
+      shapes, from the trunk feature above it. It teaches where objects are and where they end.
+    * ``classify``: per object, the trunk features averaged over the object's visible cells
+      (mask pooling: the region a box head pools, without the box) and a linear layer to the K
+      shapes. It teaches what each object is, one loss term per object, however small; in the
+      dense loss small objects are a few cells against hundreds of background ones.
 
     Args:
         in_channels: channels C of the trunk's feature.
-        num_classes: K (the shapes and background).
+        num_classes: K, the shapes.
         upsample: r, the trunk's stride over the label stride.
     """
 
     def __init__(self, in_channels: int, num_classes: int, upsample: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, num_classes * upsample * upsample, 1)
-        self.shuffle = nn.PixelShuffle(upsample)
+        self.upsample = upsample
+        self.dense = nn.Sequential(
+            nn.Conv2d(in_channels, (num_classes + 1) * upsample * upsample, 1),
+            nn.PixelShuffle(upsample),
+        )
+        self.classify = nn.Linear(in_channels, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shuffle(self.proj(x))
+    def forward(
+        self, x: torch.Tensor, instances: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Dense logits (B, K + 1, h r, w r) and object logits (B, MAX_OBJECTS, K).
+
+        Args:
+            x: trunk features (B, C, h, w).
+            instances: (B, h r, w r) object index per cell (1-based; 0 background, -1 padding).
+        """
+        one_hot = F.one_hot(instances.clamp(min=0), MAX_OBJECTS + 1)[..., 1:]
+        # Fraction of each trunk cell that each object covers: (B, MAX_OBJECTS, h, w).
+        cover = F.avg_pool2d(one_hot.permute(0, 3, 1, 2).to(x.dtype), self.upsample)
+        pooled = torch.einsum("bkhw,bchw->bkc", cover, x)
+        pooled = pooled / cover.sum((2, 3)).clamp(min=1e-6).unsqueeze(-1)
+        return self.dense(x), self.classify(pooled)
 
 
 def detector_trunk(backbone: nn.Module) -> Tuple[str, nn.Module]:
@@ -178,10 +213,10 @@ def _deepest_feature(trunk: nn.Module) -> Tuple[str, int, int]:
     return name, spec.channels, spec.stride
 
 
-def build_head(trunk: nn.Module) -> DenseShapesHead:
-    """The dense head for ``trunk``'s coarsest output."""
+def build_head(trunk: nn.Module) -> ShapesPretrainHead:
+    """The pretraining heads for ``trunk``'s coarsest output."""
     _, channels, stride = _deepest_feature(trunk)
-    return DenseShapesHead(channels, len(SHAPES_CATEGORIES) + 1, stride // LABEL_STRIDE)
+    return ShapesPretrainHead(channels, len(SHAPES_CATEGORIES), stride // LABEL_STRIDE)
 
 
 @dataclass
@@ -238,11 +273,17 @@ def _seed_iteration(seed: int, iteration: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence((seed, iteration)).generate_state(1)[0]))
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[int, int]:
-    """(correct, total) over the cells that a shape covers: background is most of an image."""
-    shape = labels > 0
-    correct = (logits.argmax(1)[shape] == labels[shape]).sum()
-    return int(correct), int(shape.sum())
+def _losses(head, features, batch) -> Tuple[torch.Tensor, int, int]:
+    """The summed dense and object losses, and (correct, total) object classifications."""
+    dense, objects = head(features, batch["instances"])
+    loss = F.cross_entropy(dense, batch["labels"], ignore_index=IGNORE)
+    present = batch["classes"] > 0
+    if present.any():
+        target = batch["classes"][present] - 1
+        logits = objects[present]
+        loss = loss + F.cross_entropy(logits, target)
+        return loss, int((logits.argmax(1) == target).sum()), int(present.sum())
+    return loss, 0, 0
 
 
 def pretrain(
@@ -261,10 +302,10 @@ def pretrain(
     Every ``checkpoint_period`` steps and at the end the trunk, head, optimizer and step are
     written atomically to ``output_dir/pretrain_last.pth``; ``resume=True`` continues from it
     (the schedule must equal the saved one). Progress is logged every ``log_period`` steps with
-    the running loss, the accuracy on shape cells and the remaining time.
+    the running loss, the accuracy of the object classification and the remaining time.
 
     Returns:
-        The last logging window's ``loss`` and ``accuracy`` and the run's ``seconds``.
+        The last logging window's ``loss`` and object ``accuracy``, and the run's ``seconds``.
     """
     if len(dataset) < schedule.iterations * schedule.batch_size:
         raise ValueError(
@@ -324,9 +365,7 @@ def pretrain(
     began = time.perf_counter()
     for step, batch in enumerate(loader, start=start):
         _seed_iteration(schedule.seed, step)
-        features = trunk(batch["image"])[feature]
-        logits = head(features)
-        loss = F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE)
+        loss, correct, total = _losses(head, trunk(batch["image"])[feature], batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -336,7 +375,6 @@ def pretrain(
                 f"pretraining loss is {loss.item()} at step {step}; lower the learning rate "
                 f"(now {schedule.lr})."
             )
-        correct, total = _accuracy(logits.detach(), batch["labels"])
         window["loss"] += loss.item()
         window["correct"] += correct
         window["total"] += total
@@ -350,7 +388,7 @@ def pretrain(
                 "accuracy": window["correct"] / max(window["total"], 1),
             }
             logger.info(
-                "pretrain step %d/%d  loss %.4f  shape-cell accuracy %.3f  lr %.2e  "
+                "pretrain step %d/%d  loss %.4f  object accuracy %.3f  lr %.2e  "
                 "%.2f s/step  eta %s",
                 done,
                 schedule.iterations,

@@ -15,7 +15,14 @@ import rev_det
 from rev_det import model_zoo
 from rev_det.checkpoint import AtomicCheckpointer
 from rev_det.data import SHAPES_CATEGORIES, draw_shapes_sample, ensure_shapes_dataset
-from rev_det.pretrain import IGNORE, PretrainSchedule, ShapesSegmentation, detector_trunk, pretrain
+from rev_det.pretrain import (
+    IGNORE,
+    PretrainSchedule,
+    ShapesPretrainHead,
+    ShapesSegmentation,
+    detector_trunk,
+    pretrain,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_YAML = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
@@ -74,6 +81,14 @@ def test_segmentation_items_are_normalised_crops_with_cell_labels():
         padded = item["image"].abs().sum(0) == 0
         assert padded[::4, ::4][labels == IGNORE].float().mean() > 0.9
         assert (labels > 0).any()  # every image has a shape
+        # Instances and classes describe the same cells as labels.
+        instances, classes = item["instances"], item["classes"]
+        assert torch.equal(instances == IGNORE, labels == IGNORE)
+        assert torch.equal(instances == 0, labels == 0)
+        shape = instances > 0
+        assert torch.equal(classes[instances[shape] - 1], labels[shape])
+        in_crop = set(instances[shape].tolist())
+        assert {k + 1 for k in range(len(classes)) if classes[k] > 0} == in_crop
     with pytest.raises(ValueError, match="multiple of 4"):
         ShapesSegmentation(1, 30, MEAN, STD)
 
@@ -233,3 +248,18 @@ def test_demo_fine_tunes_from_the_shipped_trunk_through_train_net(tmp_path):
     assert loaded and int(loaded.group(1)) == n_trunk, log[-4000:]
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
     assert "copypaste: Task: segm" in log
+
+
+def test_object_head_classifies_the_mean_feature_of_each_objects_cells():
+    torch.manual_seed(0)
+    head = ShapesPretrainHead(4, len(SHAPES_CATEGORIES), upsample=2)
+    x = torch.randn(1, 4, 3, 3)
+    instances = torch.zeros(1, 6, 6, dtype=torch.int64)
+    instances[0, :2, :2] = 1  # trunk cell (0, 0)
+    instances[0, 4:, 2:] = 2  # trunk cells (2, 1) and (2, 2)
+    instances[0, 0, 5] = 3  # a quarter of trunk cell (0, 2)
+    dense, objects = head(x, instances)
+    assert dense.shape == (1, len(SHAPES_CATEGORIES) + 1, 6, 6)
+    expected = [x[0, :, 0, 0], x[0, :, 2, 1:].mean(-1), x[0, :, 0, 2]]
+    for k, feature in enumerate(expected):
+        torch.testing.assert_close(objects[0, k], head.classify(feature))

@@ -2,7 +2,7 @@
 """Pretrain the trunk of a detector config on the shapes generator and export it for fine-tuning.
 
 The trunk is built from the detector's own config (same class, sizes and parameter names), trained
-by dense shape segmentation on the generator's "pretrain" image stream (see
+by dense shape segmentation and object classification on the generator's "pretrain" image stream (see
 :mod:`rev_det.pretrain`; never an image of ``revdet_shapes_train`` or ``_val``), and written as a
 checkpoint that ``MODEL.WEIGHTS`` / ``train.init_checkpoint`` load with ``MODEL.REV.STRICT_LOAD``.
 
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
             "config_file": args.config_file,
             "schedule": vars(schedule),
             "final_loss": result["loss"],
-            "final_shape_cell_accuracy": result["accuracy"],
+            "final_object_accuracy": result["accuracy"],
             "seconds_this_run": round(result["seconds"], 1),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch": str(torch.__version__),

@@ -41,6 +41,7 @@ from pycocotools import mask as mask_util
 from tqdm import tqdm
 
 __all__ = [
+    "MAX_OBJECTS",
     "SHAPES_CATEGORIES",
     "SHAPES_DATASETS",
     "draw_shapes_sample",
@@ -80,7 +81,7 @@ _THING_COLORS = [
 _SIDE_RANGE = (192, 320)  # image width and height, drawn independently
 _MIN_SIZE = 16  # smallest circumscribed diameter of a shape, in px
 _MAX_SIZE_FRAC = 0.45  # largest diameter, as a fraction of the image's short side
-_MAX_OBJECTS = 6
+MAX_OBJECTS = 6  # per image
 _MIN_VISIBLE_AREA = 60  # px
 _MIN_VISIBLE_FRAC = 0.25  # of the shape's full (unoccluded, unclipped) area
 _PLACEMENT_TRIES = 8  # per wanted object; failed tries are simply skipped
@@ -147,7 +148,7 @@ def _place_objects(rng: np.random.Generator, height: int, width: int) -> List[di
     below the visibility limits; this keeps annotations meaningful and, unlike dropping
     objects after drawing, leaves no unannotated shape fragments in the image.
     """
-    wanted = int(rng.integers(1, _MAX_OBJECTS + 1))
+    wanted = int(rng.integers(1, MAX_OBJECTS + 1))
     max_size = _MAX_SIZE_FRAC * min(height, width)
     owner = np.zeros((height, width), dtype=np.int16)  # 0 = background, k = k-th object
     objects: List[dict] = []
