@@ -13,10 +13,12 @@ import detectron2
 import pytest
 import torch
 from detectron2.engine import DefaultTrainer
+from detectron2.solver.build import maybe_add_gradient_clipping
 from test_configs import ROOT, tiny_cfg
+from torch.optim import AdamW
 
 from rev_det.data import ensure_shapes_dataset, shapes
-from rev_det.solver import build_optimizer
+from rev_det.solver import build_optimizer, expect_optimizer
 
 
 def stock_cfg(output_dir, *opts):
@@ -70,6 +72,26 @@ def test_default_trainer_trains_with_the_configured_optimizer(optimizer, tiny_sh
     assert trainer.iter == 2 and os.path.isfile(tmp_path / "model_final.pth")
     after = list(trainer.model.backbone.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_expect_optimizer_checks_each_optimizer_of_the_module_at_its_first_step():
+    model, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    assert expect_optimizer(model, "adamw") is model
+
+    def step(optimizer, module):
+        module(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+
+    clipped = maybe_add_gradient_clipping(tiny_cfg("SOLVER.CLIP_GRADIENTS.ENABLED", True), AdamW)
+    step(clipped(model.parameters()), model)  # a subclass of AdamW is AdamW
+    step(torch.optim.SGD(other.parameters(), lr=0.1), other)  # not the module's parameters
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="SOLVER.OPTIMIZER is 'ADAMW'.*trained by SGD"):
+        step(sgd, model)
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER = 'LAMB' is not valid.*'ADAMW'"):
+        expect_optimizer(other, "LAMB")
+    expect_optimizer(other, "SGD")  # Detectron2's default: nothing to check
+    step(torch.optim.Adam(other.parameters()), other)
 
 
 # ---------------------------------------------------------------- Detectron2 main only
