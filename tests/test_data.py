@@ -206,6 +206,7 @@ def test_first_catalog_get_generates_the_dataset(shapes_registered, monkeypatch)
         f.write(b"not a jpeg")
     assert len(DatasetCatalog.get(SHAPES_DATASETS[1])) == 2
     assert shapes._cache_problem(dataset_dir, shapes._params(3, 2, 0)) is None
+    assert os.listdir(shapes_registered) == ["revdet_shapes"]  # a read-only root would do
 
 
 def _get_in_child(name, queue):

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import zlib
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -500,13 +501,15 @@ def _load_split(root: str, name: str, split: str) -> List[dict]:
 
 @contextlib.contextmanager
 def _generation_lock(root: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``<root>/revdet_shapes.lock``.
+    """Hold an exclusive lock on a file of the temporary directory named after ``root``.
 
     Every process of a multi-process run (Detectron2's ``launch``) loads the dataset; the lock
-    lets the first one generate it while the others wait and then find the cache complete.
+    lets the first process of a machine generate it while the others wait and then find the
+    cache complete. The lock file is not under ``root``, which may be read-only (a complete
+    cache is only read).
     """
-    os.makedirs(root or ".", exist_ok=True)
-    with open(os.path.join(root, _DIR_NAME + ".lock"), "a") as f:
+    key = hashlib.sha256(os.path.abspath(root).encode("utf-8")).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"{_DIR_NAME}-{key}.lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
