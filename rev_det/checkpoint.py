@@ -89,6 +89,17 @@ class AtomicCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.strict_load = strict_load
 
+    def load(self, path: str, *args, **kwargs):
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            # Detectron2 main's DetectionCheckpointer.load keeps the URL it is loading in
+            # _parsed_url_during_load, resets it only after a successful load, and asserts it is
+            # unset at the next load; a rejected strict load (or any failed one) must leave the
+            # checkpointer usable. v0.6 has no such attribute.
+            if hasattr(self, "_parsed_url_during_load"):
+                self._parsed_url_during_load = None
+
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return

@@ -29,7 +29,7 @@ def add_revdet_config(cfg: CN) -> CN:
     # Coupling blocks per level of the reversible pyramid.
     _c.MODEL.REV.PYRAMID_BLOCKS = 2
     # Pad images to a square of this size, rounded up to the size divisibility (RevViT only; the
-    # pyramid pads on Detectron2 v0.6, which has no padding_constraints; 0: divisibility only).
+    # pyramid pads, on every Detectron2 version, and rejects larger images; 0: divisibility only).
     _c.MODEL.REV.SQUARE_PAD = 0
     # On CUDA, rebuild the next block function's input on a second CUDA stream while the current
     # one back-propagates (PaReprop). Same gradients; on CPU the backward runs serially.

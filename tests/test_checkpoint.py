@@ -141,6 +141,13 @@ def test_strict_load_requires_every_backbone_weight(tmp_path):
         message = str(error.value)
         assert "backbone.1.weight" in message
         assert "tools/convert_pretrained.py" in message and "STRICT_LOAD False" in message
+    # A rejected load leaves the checkpointer usable (Detectron2 main's kept per-load state).
+    with torch.no_grad():
+        for p in strict.model.parameters():
+            p.zero_()
+    strict.load(full)
+    expected = torch.load(full)["model"]
+    assert all(torch.equal(v, expected[k]) for k, v in strict.model.state_dict().items())
     AtomicCheckpointer(Detector()).load(other_backbone)  # not strict: loads what it can
 
 

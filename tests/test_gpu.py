@@ -16,6 +16,7 @@ from test_engine import Block, rel_err
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rev_det.reversible import ReversibleBlock, ReversibleSequence, schedule
+from rev_det.solver import build_optimizer
 from rev_det.training import RevAMPTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -148,7 +149,7 @@ def test_amp_training_steps_of_a_small_mask_rcnn(precision):
     blocks = [m for m in model.modules() if isinstance(m, ReversibleBlock)]
     before = [[p.detach().clone() for p in b.parameters()] for b in blocks]
     data = itertools.repeat(fake_batch(((192, 256), (200, 249))))
-    trainer = RevAMPTrainer(cfg, model, data, torch.optim.SGD(model.parameters(), lr=0.01))
+    trainer = RevAMPTrainer(cfg, model, data, build_optimizer(cfg, model))
     trainer.train(0, 3)
     assert trainer.device_type == DEVICE
     losses = [v for v, _ in trainer.storage.history("total_loss").values()]

@@ -29,7 +29,7 @@ def test_padding_constraints_enforce_the_coarsest_stride(cls):
     )
     assert pyramid.size_divisibility == 64  # p6
     # Spelled as Detectron2 main reads it (its own SimpleFeaturePyramid misspells the key).
-    assert pyramid.padding_constraints == {"size_divisibility": 64, "square_size": 0}
+    assert pyramid.padding_constraints == {"size_divisibility": 64}
     images = ImageList.from_tensors([torch.zeros(3, 200, 249)], pyramid.size_divisibility)
     assert images.tensor.shape[-2:] == (256, 256)
 

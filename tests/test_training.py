@@ -15,6 +15,7 @@ from torch import nn
 from rev_det.modeling.rev_mvit import RevMViTBlock
 from rev_det.modeling.rev_vit import RevViTBlock
 from rev_det.reversible import ReconstructionError, ReversibleBlock, ReversibleSequence
+from rev_det.solver import build_optimizer
 from rev_det.training import ReconstructionCheck, RevAMPTrainer, parse_precision
 
 DEMO_MVIT = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.yaml")
@@ -53,8 +54,7 @@ def test_amp_training_steps_on_cpu(arch, precision, monkeypatch):
     monkeypatch.setattr(block_class, "G", spy)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = itertools.repeat(fake_batch(((128, 160), (144, 128))))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    trainer = RevAMPTrainer(cfg, model, data, optimizer)
+    trainer = RevAMPTrainer(cfg, model, data, build_optimizer(cfg, model))
     trainer.train(0, 2)
 
     dtype = getattr(torch, precision)

@@ -1,8 +1,8 @@
 """The embedded synthetic instance-segmentation dataset ``revdet_shapes``, in COCO format.
 
 COCO cannot be downloaded everywhere rev_det is tested, so the project ships a small
-deterministic dataset that is generated on first use and then read through exactly the same
-Detectron2 code as COCO (``register_coco_instances`` -> ``load_coco_json`` and
+deterministic dataset that is generated on first use (the first ``DatasetCatalog.get``) and
+then read through exactly the same Detectron2 code as COCO (``load_coco_json`` and
 ``COCOEvaluator``).
 
 Each image shows 1 to 6 filled, textured shapes (six categories) that overlap and occlude each
@@ -24,18 +24,22 @@ Every image is drawn from its own ``numpy.random.default_rng((seed, split, index
 so the same seed reproduces the same bytes.
 """
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
+import tempfile
 import zlib
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets import load_coco_json
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 from tqdm import tqdm
@@ -491,23 +495,59 @@ def ensure_shapes_dataset(
 def register_shapes_datasets(root: Optional[str] = None) -> None:
     """Register ``revdet_shapes_train`` / ``revdet_shapes_val`` as COCO-format datasets.
 
-    Only records where the files will be; nothing is generated or read (this runs at
-    ``import rev_det``). Call :func:`ensure_shapes_dataset` with the same ``root`` before
-    loading. Names that are already registered are left alone, so calling this again is safe.
+    Nothing is generated or read at registration (this runs at ``import rev_det``): the first
+    ``DatasetCatalog.get`` of either name generates the dataset if its cache is missing or
+    corrupt (:func:`ensure_shapes_dataset`), then reads it with Detectron2's ``load_coco_json``,
+    so stock Detectron2 tools use it after ``import rev_det`` alone. Its masks are COCO RLE:
+    Detectron2's mapper needs ``INPUT.MASK_FORMAT "bitmask"`` (LazyConfig:
+    ``dataloader.train.mapper.instance_mask_format="bitmask"``); the metadata cannot set it
+    because the mapper reads it from the config only. Names that are already registered are
+    left alone, so calling this again is safe.
 
     Args:
-        root: Datasets root; defaults to ``$DETECTRON2_DATASETS`` or ``datasets``.
+        root: Datasets root; defaults to ``$DETECTRON2_DATASETS`` or ``datasets``, read now.
     """
     dataset_dir = shapes_dataset_dir(root)
+    # Resolved once, so the loader and the metadata (read by COCOEvaluator) name the same files.
+    root = os.path.dirname(dataset_dir)
     for name, split in zip(SHAPES_DATASETS, _SPLITS):
         if name in DatasetCatalog.list():
             continue
         json_file, image_root = _split_paths(dataset_dir, split)
-        register_coco_instances(name, {}, json_file, image_root)
-        # Same values load_coco_json derives from the json; set now so that the Visualizer
-        # and evaluators can use them before the dataset is first loaded, as for COCO.
+        DatasetCatalog.register(name, functools.partial(_load_split, root, name, split))
+        # What register_coco_instances records, plus the values load_coco_json derives from the
+        # json, set now so that the Visualizer and evaluators can use them before the first load.
         MetadataCatalog.get(name).set(
+            json_file=json_file,
+            image_root=image_root,
+            evaluator_type="coco",
             thing_classes=[c["name"] for c in SHAPES_CATEGORIES],
             thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(SHAPES_CATEGORIES)},
             thing_colors=list(_THING_COLORS),
         )
+
+
+def _load_split(root: str, name: str, split: str) -> List[dict]:
+    """DatasetCatalog loader of one split: generate the dataset if needed, then read it."""
+    with _generation_lock(root):
+        dataset_dir = ensure_shapes_dataset(root)
+    json_file, image_root = _split_paths(dataset_dir, split)
+    return load_coco_json(json_file, image_root, name)
+
+
+@contextlib.contextmanager
+def _generation_lock(root: str) -> Iterator[None]:
+    """Hold an exclusive lock on a file of the temporary directory named after ``root``.
+
+    Every process of a multi-process run (Detectron2's ``launch``) loads the dataset; the lock
+    lets the first process of a machine generate it while the others wait and then find the
+    cache complete. The lock file is not under ``root``, which may be read-only (a complete
+    cache is only read).
+    """
+    key = hashlib.sha256(os.path.abspath(root).encode("utf-8")).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"{_DIR_NAME}-{key}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import PYRAMIDS, check_choice
 from ..reversible import BACKPROP_MODES
+from ..solver import expect_optimizer
 from .fpn import RecomputedFPN
 from .layers import resolve_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
@@ -102,7 +103,7 @@ def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         backprop=check_choice("MODEL.REV.BACKPROP", cfg.MODEL.REV.BACKPROP, BACKPROP_MODES),
         parallel_backward=cfg.MODEL.REV.PARALLEL_BACKWARD,
     )
-    return build_pyramid(cfg, net)
+    return expect_optimizer(build_pyramid(cfg, net), cfg.SOLVER.OPTIMIZER)
 
 
 @BACKBONE_REGISTRY.register()
@@ -154,5 +155,7 @@ def build_rev_mvit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
     if kind == "fpn":
-        return FPN(bottom_up=net, **fpn_args)
-    return RecomputedFPN(net, backprop=backprop, **fpn_args)
+        backbone = FPN(bottom_up=net, **fpn_args)
+    else:
+        backbone = RecomputedFPN(net, backprop=backprop, **fpn_args)
+    return expect_optimizer(backbone, cfg.SOLVER.OPTIMIZER)

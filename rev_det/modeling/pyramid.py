@@ -69,12 +69,16 @@ class _PyramidBase(Backbone):
     @property
     def padding_constraints(self) -> Dict[str, int]:
         # Detectron2 main reads "size_divisibility" here (its own SimpleFeaturePyramid misspells
-        # the key, so only square padding enforces divisibility there).
-        return {"size_divisibility": self._size_divisibility, "square_size": self._square_pad}
+        # the key, so only square padding enforces divisibility there). "square_size" is left
+        # out on purpose: main's ImageList.from_tensors would pad to it before the backbone runs
+        # and silently crop larger images (their image_sizes unchanged), so the square padding
+        # and its size check stay in _pad_to_square, the same code on v0.6 (which has no
+        # padding_constraints) and on main.
+        return {"size_divisibility": self._size_divisibility}
 
     def _pad_to_square(self, x: torch.Tensor) -> torch.Tensor:
-        # Detectron2 v0.6 pads batches to size_divisibility only (it has no padding_constraints),
-        # so square padding is done here; under Detectron2 main the batch arrives square.
+        # Detectron2 pads batches to size_divisibility only (see padding_constraints); the
+        # square padding is done here, after checking that the batch fits.
         if not self._square_pad:
             return x
         side = -(-self._square_pad // self._size_divisibility) * self._size_divisibility
