@@ -26,3 +26,6 @@ model.backbone = L(RecomputedFPN)(
     backprop="${.net.backprop}",
 )
 train.output_dir = "output/demo_rev_mvit_lazy"
+# From scratch: the RevViT demo's pretrained trunk does not fit a RevMViT.
+train.init_checkpoint = ""
+train.strict_load = False
