@@ -359,13 +359,13 @@ def check_lazy_overrides(cfg, overrides: Sequence[str]) -> None:
                     params = inspect.signature(target).parameters
             if part in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
                 break  # an argument the config leaves at its default
-            candidates = [k for k in list(node.keys()) + list(params) if k != "_target_"]
+            candidates = sorted({*node.keys(), *params} - {"_target_"})
             close = difflib.get_close_matches(part, candidates, n=1, cutoff=0.6)
             prefix = f"{parent}." if parent else ""
             hint = f"did you mean {prefix}{close[0]}? " if close else ""
             raise KeyError(
                 f"Override {override!r}: {prefix}{part} is not a key of the config "
-                f"({hint}{parent or 'the config'} has {sorted(candidates)}). To add a new key "
+                f"({hint}{parent or 'the config'} has {candidates}). To add a new key "
                 f"on purpose, write +{key}=..."
             )
 
