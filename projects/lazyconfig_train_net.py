@@ -24,6 +24,7 @@ from detectron2.engine import (
 )
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils.logger import setup_logger
 
 import rev_det  # noqa: F401  (registers backbones and datasets, also in launched workers)
 from rev_det.checkpoint import AtomicCheckpointer, IterationSeeder
@@ -32,6 +33,7 @@ from rev_det.checks import (
     OutputDirLock,
     check_lazy_config,
     check_lazy_overrides,
+    check_no_flags_in_overrides,
     check_num_classes,
     complete_lazy_config,
     divergence_advice,
@@ -136,6 +138,7 @@ def do_train(args, cfg):
 
 
 def main(args):
+    check_no_flags_in_overrides(args.opts)
     cfg = LazyConfig.load(args.config_file)
     complete_lazy_config(cfg)
     check_lazy_overrides(cfg, args.opts)
@@ -145,6 +148,8 @@ def main(args):
     # Held before default_setup writes config.yaml and the log into the output directory.
     with OutputDirLock(output_dir, LAZY.output_dir, enabled=comm.is_main_process()) as lock:
         default_setup(cfg, args)
+        # Detectron2 sets up its own loggers only; rev_det's lines belong in log.txt too.
+        setup_logger(output_dir, distributed_rank=comm.get_rank(), name="rev_det")
         lock.tidy()
         prepare_datasets(dataset_names(cfg))
         if args.eval_only:

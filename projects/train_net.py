@@ -20,6 +20,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils.logger import setup_logger
 
 # Workers started by `launch` import this file anew, so importing rev_det here registers its
 # backbones and datasets in every process.
@@ -29,6 +30,7 @@ from rev_det.checks import (
     YACS,
     CheckedMapper,
     OutputDirLock,
+    check_no_flags_in_overrides,
     check_num_classes,
     check_yacs_config,
     divergence_advice,
@@ -127,6 +129,7 @@ def load_config(args, extra_config=()):
     for add_config in extra_config:
         add_config(cfg)
     rev_det.add_revdet_config(cfg)
+    check_no_flags_in_overrides(args.opts)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
@@ -139,6 +142,8 @@ def main(args, extra_config=()):
     # Held before default_setup writes config.yaml and the log into OUTPUT_DIR.
     with OutputDirLock(cfg.OUTPUT_DIR, YACS.output_dir, enabled=comm.is_main_process()) as lock:
         default_setup(cfg, args)
+        # Detectron2 sets up its own loggers only; rev_det's lines belong in log.txt too.
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="rev_det")
         lock.tidy()
         prepare_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
         if args.eval_only:

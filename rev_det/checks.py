@@ -49,6 +49,7 @@ __all__ = [
     "SettingNames",
     "check_lazy_config",
     "check_lazy_overrides",
+    "check_no_flags_in_overrides",
     "check_num_classes",
     "check_weights_file",
     "check_yacs_config",
@@ -225,6 +226,19 @@ def check_yacs_config(cfg) -> None:
     if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
         _check_num_classes_setting(YACS, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
     check_weights_file(cfg.MODEL.WEIGHTS, YACS)
+
+
+def check_no_flags_in_overrides(opts: Sequence[str]) -> None:
+    """Raise ValueError if a command-line flag (``--resume``) comes after the config overrides:
+    the argument parser takes everything from the first override on as overrides, so the flag
+    would be ignored or break the KEY VALUE pairs."""
+    flags = [o for o in opts if o.startswith("--")]
+    if flags:
+        raise ValueError(
+            f"{' '.join(flags)} comes after the config overrides, which take the rest of the "
+            "command line: put flags (--resume, --eval-only, --num-gpus, ...) before the "
+            "overrides."
+        )
 
 
 # Keys the LazyConfig entry point reads with a default when a config does not set them.
