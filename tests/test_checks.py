@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ from detectron2.structures import BoxMode
 from PIL import Image
 from test_bad_input import DEMO_MVIT
 from test_configs import DEMO, ROOT, tiny_cfg, yacs_cfg
+from test_train_net import datasets_root  # noqa: F401  (a fixture: a small shapes dataset)
 
 from rev_det.checks import (
     LAZY,
@@ -93,9 +95,7 @@ def test_window_larger_than_the_token_grid_is_refused_before_building():
     with pytest.raises(ValueError, match=r"model.backbone.net.window_size = 1000 .* 24 x 24"):
         check_lazy_config(lazy_cfg(DEMO_LAZY, "model.backbone.net.window_size=1000"))
     with pytest.raises(ValueError, match="adaptive_window_size = 512"):
-        check_lazy_config(
-            lazy_cfg(DEMO_MVIT_LAZY, "model.backbone.net.adaptive_window_size=512")
-        )
+        check_lazy_config(lazy_cfg(DEMO_MVIT_LAZY, "model.backbone.net.adaptive_window_size=512"))
     check_lazy_config(lazy_cfg(DEMO_LAZY))
     check_lazy_config(lazy_cfg(DEMO_MVIT_LAZY))
 
@@ -162,9 +162,15 @@ def weight_files(tmp_path):
     files = {
         "empty": (b"", "is empty"),
         "text": (b"<html>404 Not Found</html>\n", "is a text file"),
-        "random": (np.random.default_rng(0).bytes(4096), "is neither a zip archive .* nor a pickle"),
+        "random": (
+            np.random.default_rng(0).bytes(4096),
+            "is neither a zip archive .* nor a pickle",
+        ),
         "truncated": (data[: len(data) // 2], "is a damaged or truncated zip archive"),
-        "lfs": (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n", "is a Git LFS pointer.*git lfs pull"),
+        "lfs": (
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n",
+            "is a Git LFS pointer.*git lfs pull",
+        ),
     }
     for name, (content, _) in files.items():
         (tmp_path / f"{name}.pth").write_bytes(content)
@@ -435,3 +441,91 @@ def test_converter_names_unreadable_inputs_without_useless_advice(tmp_path, caps
     assert main([*args, "--config-file", DEMO]) == 2
     assert "pass --trust-pickle" in capsys.readouterr().err
     assert not (tmp_path / "o.pth").exists()
+
+
+# ------------------------------------------------------------------------- through the entry points
+
+
+def run_entry(script, args, datasets_root):
+    """Run an entry point; returns (exit status, stdout + stderr)."""
+    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "projects", script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def entry_args(entry, out, *extra):
+    from test_train_net import DEMO_YAML, TINY_LAZY, TINY_YACS
+
+    if entry == "yacs":
+        opts = TINY_YACS + ["OUTPUT_DIR", out] + [str(e) for e in extra]
+        return "train_net.py", ["--config-file", DEMO_YAML, *opts]
+    return "lazyconfig_train_net.py", ["--config-file", DEMO_LAZY, *TINY_LAZY, f"train.output_dir={out}", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("entry", ["yacs", "lazy"])
+def test_entry_points_refuse_bad_input_before_writing_anything(entry, tmp_path):
+    out = str(tmp_path / "out")
+    bad = {
+        "yacs": [
+            (["MODEL.REVVIT.DEPTH", "0"], "MODEL.REVVIT.DEPTH = 0"),
+            (["MODEL.REVVIT.WINDOW_SIZE", "1000"], "MODEL.REVVIT.WINDOW_SIZE = 1000 is larger"),
+            (["MODEL.REV.CHECK_RECONSTRUCTION.PERIOD", "-1"], "CHECK_RECONSTRUCTION.PERIOD = -1"),
+            (["--resume"], "--resume comes after the config overrides"),
+        ],
+        "lazy": [
+            (["train.max_itr=2"], "did you mean train.max_iter"),
+            (["model.backbone.net.depth=-1"], "model.backbone.net.depth = -1"),
+            (["train.check_reconstruction.period=-1"], "check_reconstruction.period = -1"),
+        ],
+    }[entry]
+    for extra, message in bad:
+        script, args = entry_args(entry, out, *extra)
+        code, log = run_entry(script, args, str(tmp_path))
+        assert code != 0 and message in log, log[-3000:]
+        assert not os.path.exists(out)  # no config.yaml, no log: nothing written
+
+
+# Two iterations (the tiny LazyConfig's lr milestone is at 30).
+SHORT = {
+    "yacs": ["SOLVER.MAX_ITER", 2],
+    "lazy": ["train.max_iter=2", "lr_multiplier.scheduler.milestones=[1]"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["yacs", "lazy"])
+def test_output_dir_lock_through_the_entry_points(entry, tmp_path, datasets_root):
+    out = str(tmp_path / "out")
+    # A running run (this process) holds the directory: the entry point refuses it.
+    with OutputDirLock(out):
+        script, args = entry_args(entry, out, *SHORT[entry])  # fmt: skip
+        code, log = run_entry(script, args, datasets_root)
+        assert code != 0
+        assert f"{out} is in use by another run: pid {os.getpid()}" in log, log[-3000:]
+        assert os.listdir(out) == ["run.lock"]  # its config.yaml and log were not written
+    # A killed run's lock and half-written save: taken over and removed, with a log line.
+    (tmp_path / "out" / "run.lock").write_text(json.dumps({"pid": 1, "host": "h", "started": "s", "command": "c"}))  # fmt: skip
+    (tmp_path / "out" / ".model_0000019.pth.0a1b2c3d.tmp").write_bytes(b"\0" * 1000)
+    code, log = run_entry(script, ["--resume", *args], datasets_root)
+    assert code == 0, log[-3000:]
+    with open(os.path.join(out, "log.txt")) as f:
+        logged = f.read()
+    assert "had a lock of a run that did not end cleanly (pid 1 on host h" in logged
+    assert "Removed 1 temporary files" in logged and ".model_0000019.pth.0a1b2c3d.tmp" in logged
+    assert "run.lock" not in os.listdir(out) and "model_final.pth" in os.listdir(out)
+
+
+@pytest.mark.slow
+def test_divergence_through_the_entry_point_names_iteration_and_advice(tmp_path, datasets_root):
+    script, args = entry_args("yacs", str(tmp_path / "out"), "SOLVER.BASE_LR", "1e6", "SOLVER.MAX_ITER", 20)  # fmt: skip
+    code, log = run_entry(script, args, datasets_root)
+    assert code != 0
+    assert re.search(r"FloatingPointError: Training diverged at iteration \d+: ", log), log[-3000:]
+    assert "lower SOLVER.BASE_LR" in log
