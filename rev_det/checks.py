@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
+import errno
 import fcntl
 import inspect
 import json
@@ -31,6 +32,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import sys
 import zipfile
@@ -56,6 +58,7 @@ __all__ = [
     "checkpoint_file_problem",
     "complete_lazy_config",
     "divergence_advice",
+    "explain_write_error",
     "largest_image_side",
     "scan_annotations",
 ]
@@ -641,6 +644,38 @@ def _check_image_file(file_name: str, dataset_dict: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- output directory
+
+
+# Write errors whose cause is the file system, not the data being written.
+_FS_ERRNOS = {
+    errno.ENOSPC: "the file system is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+}
+
+
+def explain_write_error(path: str, error: BaseException) -> Optional[OSError]:
+    """An OSError naming ``path`` and the fix if ``error`` (or an exception it was raised
+    while handling, such as torch.save's RuntimeError after a failed write) comes from a full,
+    read-only or forbidden file system; None otherwise."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FS_ERRNOS:
+            directory = os.path.dirname(os.path.abspath(path))
+            free = ""
+            with contextlib.suppress(OSError):
+                free = shutil.disk_usage(directory).free / 2**20
+                free = f" ({free:.0f} MiB free there without the partial file)"
+            return OSError(
+                seen.errno,
+                f"Cannot write {path}: {_FS_ERRNOS[seen.errno]}{free}; {path} is unchanged. "
+                f"Make room or fix the permissions of {directory}, or point "
+                "the output (OUTPUT_DIR / train.output_dir, --output) to another directory; "
+                "then resume.",
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class OutputDirInUseError(RuntimeError):

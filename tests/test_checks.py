@@ -5,6 +5,7 @@ directory (lock, stale lock, stale temporary files), divergence, and the convert
 output files. The entry points are run end to end where only they can show it (slow).
 """
 
+import errno
 import importlib.util
 import io
 import json
@@ -26,6 +27,7 @@ from test_bad_input import DEMO_MVIT
 from test_configs import DEMO, ROOT, tiny_cfg, yacs_cfg
 from test_train_net import datasets_root  # noqa: F401  (a fixture: a small shapes dataset)
 
+from rev_det.checkpoint import atomic_open
 from rev_det.checks import (
     LAZY,
     AnnotationSummary,
@@ -529,3 +531,22 @@ def test_divergence_through_the_entry_point_names_iteration_and_advice(tmp_path,
     assert code != 0
     assert re.search(r"FloatingPointError: Training diverged at iteration \d+: ", log), log[-3000:]
     assert "lower SOLVER.BASE_LR" in log
+
+
+def test_a_full_disk_while_saving_names_the_file_and_keeps_the_old_one(tmp_path):
+    path = tmp_path / "model_final.pth"
+    path.write_text("previous")
+    # torch.save reports a failed write as a RuntimeError raised while handling the OSError.
+    with pytest.raises(OSError, match=f"Cannot write {path}: the file system is full") as failed:
+        with atomic_open(str(path)) as f:
+            f.write(b"partial")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    assert failed.value.errno == errno.ENOSPC
+    assert path.read_text() == "previous" and os.listdir(tmp_path) == ["model_final.pth"]
+    # Other errors pass unchanged.
+    with pytest.raises(ValueError, match="^bad data$"):
+        with atomic_open(str(path)):
+            raise ValueError("bad data")
