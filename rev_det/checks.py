@@ -326,6 +326,15 @@ def check_lazy_config(cfg) -> None:
             if inspect.isclass(target) and issubclass(target, cls):
                 name = lambda k, path=path: f"{path}.{k}"  # noqa: E731
                 _check_trunk(kind, _arg_getter(node, target), name, side, sizes)
+    scheduler = cfg.get("lr_multiplier", {}).get("scheduler", {})
+    milestones, updates = scheduler.get("milestones", None), scheduler.get("num_updates", None)
+    if milestones and isinstance(updates, int) and max(milestones) >= updates:
+        # fvcore's MultiStepParamScheduler refuses it too, without naming the settings.
+        raise ValueError(
+            f"lr_multiplier.scheduler.milestones = {list(milestones)} reach beyond "
+            f"lr_multiplier.scheduler.num_updates = {updates} (train.max_iter): set the "
+            "milestones below it, e.g. scaled with train.max_iter."
+        )
     check = cfg.train.get("check_reconstruction", {})
     optimizer = cfg.get("optimizer", {})
     _check_common(
@@ -626,6 +635,11 @@ def _check_image_file(file_name: str, dataset_dict: dict) -> None:
             mode, fmt = image.mode, image.format
     except FileNotFoundError:
         raise
+    except Image.DecompressionBombError as e:
+        raise OSError(
+            f"Image {file_name} (image_id {image_id!r}) is larger than PIL opens by default "
+            f"({e}). Resize it, or raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
+        ) from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         size = os.path.getsize(file_name) if os.path.isfile(file_name) else None
         what = "an empty file" if size == 0 else "not an image file PIL can read"

@@ -120,6 +120,8 @@ def test_reconstruction_period_lr_and_classes_name_their_keys():
         check_yacs_config(yacs_cfg(DEMO, "SOLVER.BASE_LR", -0.1))
     with pytest.raises(ValueError, match="optimizer.lr = nan"):
         check_lazy_config(lazy_cfg(DEMO_LAZY, "optimizer.lr=nan"))
+    with pytest.raises(ValueError, match=r"milestones = \[560, 655\] .*num_updates = 100"):
+        check_lazy_config(lazy_cfg(DEMO_LAZY, "train.max_iter=100"))
     with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NUM_CLASSES = 0"):
         check_yacs_config(yacs_cfg(DEMO, "MODEL.ROI_HEADS.NUM_CLASSES", 0))
     # The hook itself, built directly, names both keys.
@@ -305,6 +307,14 @@ def test_unreadable_image_files_are_named(tmp_path, mapper):
     good.write_bytes(jpeg.getvalue())
     out = mapper({"file_name": str(good), "image_id": 0, "height": 64, "width": 80})
     assert out["image"].shape == (3, 64, 80)
+
+
+def test_an_image_too_large_for_pil_is_named(tmp_path, mapper, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 48)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3072 pixels: over twice the limit
+    with pytest.raises(OSError, match=f"Image {path} .*larger than PIL opens.*MAX_IMAGE_PIXELS"):
+        mapper({"file_name": str(path), "image_id": 1, "height": 48, "width": 64})
 
 
 def test_16_bit_png_is_refused_not_trained_as_white(tmp_path, mapper):
