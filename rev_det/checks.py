@@ -37,7 +37,7 @@ import socket
 import sys
 import zipfile
 from collections import Counter
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from detectron2.structures import BoxMode
 

@@ -24,7 +24,11 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.structures import BoxMode
 from PIL import Image
 from test_bad_input import DEMO_MVIT
-from test_configs import DEMO, ROOT, tiny_cfg, yacs_cfg
+from test_configs import DEMO
+from test_configs import LAZY as LAZY_CONFIGS
+from test_configs import ROOT
+from test_configs import YACS as YACS_CONFIGS
+from test_configs import tiny_cfg, yacs_cfg
 from test_train_net import datasets_root  # noqa: F401  (a fixture: a small shapes dataset)
 
 from rev_det.checkpoint import atomic_open
@@ -100,6 +104,14 @@ def test_window_larger_than_the_token_grid_is_refused_before_building():
         check_lazy_config(lazy_cfg(DEMO_MVIT_LAZY, "model.backbone.net.adaptive_window_size=512"))
     check_lazy_config(lazy_cfg(DEMO_LAZY))
     check_lazy_config(lazy_cfg(DEMO_MVIT_LAZY))
+
+
+@pytest.mark.parametrize("path", YACS_CONFIGS + LAZY_CONFIGS, ids=os.path.basename)
+def test_every_shipped_config_passes_the_checks(path):
+    if path.endswith(".py"):
+        check_lazy_config(lazy_cfg(path))
+    else:
+        check_yacs_config(yacs_cfg(path))
 
 
 def test_window_block_indexes_and_window_size_errors_name_their_keys():
