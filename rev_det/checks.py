@@ -164,10 +164,12 @@ def largest_image_side(augmentations: Sequence) -> Optional[int]:
     or None when they do not bound it (e.g. no resize)."""
     side = None
     for aug in augmentations:
-        # Detected by attribute, as each of Detectron2's resizing augmentations stores them.
+        # Matched by class name and read by attribute, the same in Detectron2 v0.6 and main.
         name = type(aug).__name__
-        if name == "ResizeShortestEdge" and getattr(aug, "max_size", math.inf) < 10**6:
-            side = int(aug.max_size)
+        if name == "ResizeShortestEdge":
+            # Without a max_size (sys.maxsize by default) the long side follows the aspect ratio.
+            max_size = getattr(aug, "max_size", math.inf)
+            side = int(max_size) if max_size < 10**6 else None
         elif name == "ResizeScale":
             side = math.ceil(max(aug.target_height, aug.target_width) * aug.max_scale)
         elif name == "Resize":
@@ -320,7 +322,7 @@ def check_lazy_config(cfg) -> None:
     square_pad = max((node.get("square_pad") or 0 for _, node, _ in nodes), default=0)
     if square_pad:
         side = max(side or 0, square_pad)
-    sizes = LAZY.image_sizes + (", square_pad" if square_pad else "")
+    sizes = LAZY.image_sizes + (f", {LAZY.square_pad}" if square_pad else "")
     for path, node, target in nodes:
         for kind, cls in (("RevViT", RevViT), ("RevMViT", RevMViT)):
             if inspect.isclass(target) and issubclass(target, cls):

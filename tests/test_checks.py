@@ -46,6 +46,7 @@ from rev_det.checks import (
     checkpoint_file_problem,
     complete_lazy_config,
     divergence_advice,
+    largest_image_side,
     scan_annotations,
 )
 from rev_det.data import build_resumable_train_loader
@@ -112,6 +113,17 @@ def test_every_shipped_config_passes_the_checks(path):
         check_lazy_config(lazy_cfg(path))
     else:
         check_yacs_config(yacs_cfg(path))
+
+
+def test_largest_image_side_follows_the_resize_and_crop_augmentations():
+    import detectron2.data.transforms as T
+
+    assert largest_image_side([T.ResizeShortestEdge(800, 1333), T.RandomFlip()]) == 1333
+    assert largest_image_side([T.ResizeShortestEdge(800)]) is None  # the long side is unbounded
+    assert largest_image_side([T.RandomFlip()]) is None
+    lsj = [T.ResizeScale(0.1, 2.0, 1024, 1024), T.FixedSizeCrop((1024, 1024))]
+    assert largest_image_side(lsj[:1]) == 2048 and largest_image_side(lsj) == 1024
+    assert largest_image_side([T.Resize((600, 900))]) == 900
 
 
 def test_window_block_indexes_and_window_size_errors_name_their_keys():
