@@ -17,13 +17,24 @@ import weakref
 
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
+from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils.logger import setup_logger
 
 # Workers started by `launch` import this file anew, so importing rev_det here registers its
 # backbones and datasets in every process.
 import rev_det
 from rev_det.checkpoint import AtomicCheckpointer, IterationSeeder
+from rev_det.checks import (
+    YACS,
+    CheckedMapper,
+    OutputDirLock,
+    check_no_flags_in_overrides,
+    check_num_classes,
+    check_yacs_config,
+    divergence_advice,
+)
 from rev_det.data import build_resumable_train_loader, prepare_datasets
 from rev_det.reversible import name_reversible_blocks
 from rev_det.reversible.ddp import check_ddp_model
@@ -41,6 +52,9 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         super().__init__(cfg)
         check_ddp_model(self.model)
+        # The loader has read the dataset dicts: their categories must fit the classifier.
+        summary = getattr(self.data_loader, "annotation_summary", None)
+        check_num_classes(summary, cfg.DATASETS.TRAIN, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
         if cfg.SOLVER.AMP.ENABLED:
             # v0.6's AMPTrainer needs CUDA and float16; this one autocasts on the model's device
             # to SOLVER.AMP.PRECISION (float16 with a grad scaler, or bfloat16).
@@ -90,6 +104,12 @@ class Trainer(DefaultTrainer):
         return build_resumable_train_loader(cfg)
 
     @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        # Image files that cannot be read, or would be read wrongly, are named.
+        mapper = CheckedMapper(DatasetMapper(cfg, False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         # The fast evaluator is C++; a pure-Python Detectron2 build uses pycocotools.
@@ -102,35 +122,43 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
 
-def setup(args, extra_config=()):
-    """The config of ``args``; ``extra_config``: functions adding a project's keys (e.g.
-    PointRend's ``add_pointrend_config``), called before rev_det's and the file's."""
+def load_config(args, extra_config=()):
+    """The checked, frozen config of ``args``; ``extra_config``: functions adding a project's keys
+    (e.g. PointRend's ``add_pointrend_config``), called before rev_det's and the file's."""
     cfg = get_cfg()
     for add_config in extra_config:
         add_config(cfg)
     rev_det.add_revdet_config(cfg)
+    check_no_flags_in_overrides(args.opts)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
-    prepare_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    check_yacs_config(cfg)
     return cfg
 
 
 def main(args, extra_config=()):
-    cfg = setup(args, extra_config)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        AtomicCheckpointer(
-            model, save_dir=cfg.OUTPUT_DIR, strict_load=cfg.MODEL.REV.STRICT_LOAD
-        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        res = Trainer.test(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, res)
-        return res
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    cfg = load_config(args, extra_config)
+    # Held before default_setup writes config.yaml and the log into OUTPUT_DIR.
+    with OutputDirLock(cfg.OUTPUT_DIR, YACS.output_dir, enabled=comm.is_main_process()) as lock:
+        default_setup(cfg, args)
+        # Detectron2 sets up its own loggers only; rev_det's lines belong in log.txt too.
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="rev_det")
+        lock.tidy()
+        prepare_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            AtomicCheckpointer(
+                model, save_dir=cfg.OUTPUT_DIR, strict_load=cfg.MODEL.REV.STRICT_LOAD
+            ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            res = Trainer.test(cfg, model)
+            if comm.is_main_process():
+                verify_results(cfg, res)
+            return res
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        with divergence_advice(trainer, YACS, cfg.SOLVER.BASE_LR):
+            return trainer.train()
 
 
 def invoke_main(main_func=main):

@@ -25,6 +25,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from .checks import explain_write_error
+
 __all__ = ["AtomicCheckpointer", "IterationSeeder", "atomic_open"]
 
 logger = logging.getLogger(__name__)
@@ -56,9 +58,13 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        # torch.save reports a full disk as a bare RuntimeError; name the file and the cause.
+        write_error = explain_write_error(path, e)
+        if write_error is not None:
+            raise write_error from e
         raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:

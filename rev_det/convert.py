@@ -752,17 +752,28 @@ def load_checkpoint_file(path: str, trust_pickle: bool = False) -> Dict[str, tor
     """
     from detectron2.utils.file_io import PathManager
 
+    from .checks import checkpoint_file_problem
+
     path = PathManager.get_local_path(path)
+    problem = checkpoint_file_problem(path)
+    if problem is not None:
+        raise ConversionError(f"--input {path}: the file {problem}.")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # torch raises UnpicklingError or RuntimeError depending on content
-        if trust_pickle:
-            raise
-        lines = str(e).splitlines()
-        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        # weights_only refuses pickled Python objects other than tensors and containers: only
+        # then does trusting the pickle help.
+        refused = next((line.strip() for line in lines if "Unsupported global" in line), None)
+        if refused and not trust_pickle:
+            raise ConversionError(
+                f"--input {path} stores Python objects that torch.load(weights_only=True) "
+                f"refuses ({refused}); if the file comes from a source you trust, pass "
+                "--trust-pickle."
+            ) from e
         raise ConversionError(
-            f"{path} could not be read with torch.load(weights_only=True) ({reason}); if the "
-            "file comes from a source you trust, pass --trust-pickle."
+            f"--input {path} is not a checkpoint torch.load can read ({type(e).__name__}: "
+            f"{lines[0]}): it is damaged or in another format; download it again."
         ) from e
     return extract_state_dict(loaded)
 
@@ -782,11 +793,17 @@ def build_target_trunk(config_file: str, opts: Sequence[str] = ()) -> Tuple[nn.M
     from detectron2.config import LazyConfig, get_cfg, instantiate
     from detectron2.modeling import build_backbone
 
+    from .checks import check_lazy_overrides
     from .config import add_revdet_config
 
     with torch.device("meta"):
         if config_file.endswith(".py"):
-            cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+            cfg = LazyConfig.load(config_file)
+            try:
+                check_lazy_overrides(cfg, list(opts))
+            except KeyError as e:
+                raise ConversionError(e.args[0]) from e
+            cfg = LazyConfig.apply_overrides(cfg, list(opts))
             if "backbone" not in cfg.model:
                 raise ConversionError(f"{config_file}: cfg.model has no backbone.")
             backbone = instantiate(cfg.model.backbone)
@@ -813,24 +830,29 @@ def save_detectron2_checkpoint(conversion: Conversion, prefix: str, path: str):
 
     The keys are already the model's, so ``matching_heuristics`` is off: nothing is renamed on
     load. ``.pkl`` and ``.pyth`` names are refused, since Detectron2 reads those as Caffe2 and
-    pycls files.
+    pycls files. The file is written atomically (:func:`rev_det.checkpoint.atomic_open`): a
+    failed save leaves no partial file.
     """
     if path.endswith((".pkl", ".pyth")):
         raise ConversionError(
             f"{path}: Detectron2 reads .pkl files as Caffe2/Detectron1 and .pyth files as pycls "
             "checkpoints; name the output .pth."
         )
+    from .checkpoint import atomic_open
+
     model = {prefix + k: v for k, v in conversion.state_dict.items()}
-    torch.save(
-        {
-            "model": model,
-            "__author__": f"rev_det convert_pretrained (source {conversion.source})",
-            "matching_heuristics": False,
-            "rev_det_conversion": {
-                "missing": sorted(conversion.missing),
-                "dropped": sorted(conversion.dropped),
-                "partial_groups": conversion.partial_groups,
-            },
+    data = {
+        "model": model,
+        "__author__": f"rev_det convert_pretrained (source {conversion.source})",
+        "matching_heuristics": False,
+        "rev_det_conversion": {
+            "missing": sorted(conversion.missing),
+            "dropped": sorted(conversion.dropped),
+            "partial_groups": conversion.partial_groups,
         },
-        path,
-    )
+    }
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save(data, f)
+    except OSError as e:
+        raise ConversionError(f"cannot write --output {path}: {e.strerror or e}.") from e

@@ -178,9 +178,17 @@ class ReconstructionCheck(HookBase):
     @configurable
     def __init__(self, *, period: int = 0, threshold: float = 0.1):
         if period < 0:
-            raise ValueError(f"period must be >= 0 (0 disables the check), got {period}.")
+            raise ValueError(
+                f"The reconstruction check's period must be >= 0 (0 disables the check), got "
+                f"{period} (yacs: MODEL.REV.CHECK_RECONSTRUCTION.PERIOD; LazyConfig: "
+                "train.check_reconstruction.period)."
+            )
         if not threshold > 0:
-            raise ValueError(f"threshold must be positive, got {threshold}.")
+            raise ValueError(
+                f"The reconstruction check's threshold must be positive, got {threshold} (yacs: "
+                "MODEL.REV.CHECK_RECONSTRUCTION.THRESHOLD; LazyConfig: "
+                "train.check_reconstruction.threshold)."
+            )
         self.period, self.threshold = period, threshold
         self._recording = contextlib.ExitStack()
         self._records: Optional[List[SequenceInput]] = None

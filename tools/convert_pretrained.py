@@ -78,12 +78,30 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (also through symlinks, relative paths or
+    hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     allow = {g for g in args.allow_partial.split(",") if g}
     unknown = allow - set(PARTIAL_GROUPS) - {"all"}
     if unknown:
         print(f"error: unknown --allow-partial groups {sorted(unknown)}", file=sys.stderr)
+        return 2
+    if same_file(args.input, args.output):
+        print(
+            f"error: --output {args.output} is the --input file {args.input}: writing it would "
+            "destroy the checkpoint being converted. Name another output file.",
+            file=sys.stderr,
+        )
         return 2
     try:
         trunk, prefix = build_target_trunk(args.config_file, args.opts)

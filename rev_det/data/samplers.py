@@ -33,6 +33,8 @@ from detectron2.data.samplers import TrainingSampler
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..checks import AnnotationSummary, CheckedMapper, scan_annotations
+
 __all__ = ["ResumableBatchSampler", "ResumableTrainLoader", "build_resumable_train_loader"]
 
 
@@ -151,6 +153,7 @@ class ResumableTrainLoader:
         num_workers: int = 0,
     ):
         self.batch_sampler = batch_sampler
+        self.annotation_summary: Optional[AnnotationSummary] = None
         self._loader = DataLoader(
             _MappedBatches(dataset, mapper, batch_sampler),
             batch_size=None,  # the sampler batches
@@ -213,6 +216,10 @@ def build_resumable_train_loader(
 
     Called with a yacs config (``build_resumable_train_loader(cfg)``) it reads the same keys.
 
+    The dataset's boxes are checked first (:func:`rev_det.checks.scan_annotations`: an error for
+    negative sizes, a warning with counts for boxes Detectron2 drops), and the mapper's errors
+    name the image file (:class:`rev_det.checks.CheckedMapper`).
+
     Args:
         dataset: the dataset dicts (e.g. from ``get_detection_dataset_dicts``); with aspect-ratio
             grouping each needs "width" and "height".
@@ -237,6 +244,7 @@ def build_resumable_train_loader(
             f"dataset must be a list of dataset dicts, got {type(dataset).__name__}; use "
             "detectron2.data.get_detection_dataset_dicts."
         )
+    summary = scan_annotations(dataset)
     group_ids = None
     if aspect_ratio_grouping:
         try:
@@ -255,9 +263,11 @@ def build_resumable_train_loader(
         seed=seed,
         start_iter=start_iter,
     )
-    return ResumableTrainLoader(
+    loader = ResumableTrainLoader(
         DatasetFromList(dataset, copy=False),
-        mapper=mapper,
+        mapper=CheckedMapper(mapper),
         batch_sampler=batch_sampler,
         num_workers=num_workers,
     )
+    loader.annotation_summary = summary
+    return loader

@@ -418,6 +418,8 @@ class RevMViT(Backbone):
         out_features: Sequence[str] = ("scale2", "scale3", "scale4", "scale5"),
     ):
         super().__init__()
+        if depth < 4:
+            raise ValueError(f"depth must be at least 4 (a block per stage), got {depth}.")
         last = tuple(last_block_indexes)
         if (
             len(last) != 4

@@ -219,6 +219,8 @@ class RevViT(Backbone):
         out_feature: str = "last_feat",
     ):
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1 (the number of blocks), got {depth}.")
         bad = [i for i in window_block_indexes if not 0 <= i < depth]
         if bad:
             raise ValueError(
