@@ -23,6 +23,7 @@ from rev_det.pretrain import (
     detector_trunk,
     pretrain,
 )
+from rev_det.utils import sha256_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_YAML = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
@@ -200,7 +201,7 @@ def fake_weights(tmp_path, monkeypatch):
     path = tmp_path / "w.pth"
     path.write_bytes(b"weights")
     monkeypatch.setattr(model_zoo, "_WEIGHTS_DIR", str(tmp_path))
-    entry = model_zoo.WeightFile("w.pth", model_zoo._sha256(str(path)), "python make_w.py")
+    entry = model_zoo.WeightFile("w.pth", sha256_file(str(path)), "python make_w.py")
     monkeypatch.setitem(model_zoo.WEIGHTS, "test/w.pth", entry)
     return path
 

@@ -44,6 +44,8 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 from tqdm import tqdm
 
+from ..utils.files import sha256_file
+
 __all__ = [
     "MAX_OBJECTS",
     "SHAPES_CATEGORIES",
@@ -400,14 +402,6 @@ def _params(num_train: int, num_val: int, seed: int) -> dict:
     }
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cache_problem(dataset_dir: str, params: dict) -> Optional[str]:
     """Why the cache in ``dataset_dir`` cannot be used, or None if it is complete and intact."""
     manifest_path = os.path.join(dataset_dir, _MANIFEST)
@@ -431,7 +425,7 @@ def _cache_problem(dataset_dir: str, params: dict) -> Optional[str]:
             return f"{path} is missing"
         if os.path.getsize(path) != entry["size"]:
             return f"{path} has size {os.path.getsize(path)}, expected {entry['size']}"
-        if _sha256_file(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             return f"{path} has the wrong sha256 (file modified or corrupt)"
     return None
 

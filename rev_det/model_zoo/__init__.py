@@ -7,13 +7,14 @@ so a missing, truncated or modified file ends in an error that names the command
 it, never in a silently different model.
 """
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import Dict
 
 from detectron2.utils.file_io import PathManager
 from iopath.common.file_io import PathHandler
+
+from ..utils.files import sha256_file
 
 __all__ = ["PREFIX", "WEIGHTS", "WeightFile", "RevDetHandler", "weight_path"]
 
@@ -47,14 +48,6 @@ WEIGHTS: Dict[str, WeightFile] = {
 }
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weight_path(name: str) -> str:
     """The checked local file of ``rev_det://name`` (or of ``name`` without the prefix).
 
@@ -76,7 +69,7 @@ def weight_path(name: str) -> str:
     )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{PREFIX}{key}: {path} is missing. {rebuild}")
-    found = _sha256(path)
+    found = sha256_file(path)
     if found != entry.sha256:
         raise RuntimeError(
             f"{PREFIX}{key}: {path} has sha256 {found}, not the recorded {entry.sha256}: the file "

@@ -1,4 +1,11 @@
 from .env import detectron2_has_compiled_ops
+from .files import sha256_file
 from .memory import MemoryTracker, MiB, training_step_peak
 
-__all__ = ["MemoryTracker", "MiB", "detectron2_has_compiled_ops", "training_step_peak"]
+__all__ = [
+    "MemoryTracker",
+    "MiB",
+    "detectron2_has_compiled_ops",
+    "sha256_file",
+    "training_step_peak",
+]
