@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import atomic_open
-from .data.shapes import MAX_OBJECTS, SHAPES_CATEGORIES, draw_shapes_sample
+from .data.shapes import MAX_OBJECTS, SHAPES_CATEGORIES, check_stream, draw_shapes_sample
 
 __all__ = [
     "PretrainSchedule",
@@ -101,8 +101,7 @@ class ShapesSegmentation(Dataset):
         self.scales = tuple(scales)
         self.stream = stream
         self.seed = seed
-        # Fails here, not in a worker, for a stream that is a dataset split.
-        draw_shapes_sample(stream, 0, seed)
+        check_stream(stream)  # here, not in a data loader worker
 
     def __len__(self) -> int:
         return self.size

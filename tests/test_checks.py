@@ -30,6 +30,7 @@ from test_configs import ROOT
 from test_configs import YACS as YACS_CONFIGS
 from test_configs import tiny_cfg, yacs_cfg
 from test_train_net import datasets_root  # noqa: F401  (a fixture: a small shapes dataset)
+from test_train_net import run_entry
 
 from rev_det.checkpoint import atomic_open
 from rev_det.checks import (
@@ -480,20 +481,6 @@ def test_converter_names_unreadable_inputs_without_useless_advice(tmp_path, caps
 
 
 # ------------------------------------------------------------------------- through the entry points
-
-
-def run_entry(script, args, datasets_root):
-    """Run an entry point; returns (exit status, stdout + stderr)."""
-    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "projects", script), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    return proc.returncode, proc.stdout + proc.stderr
 
 
 def entry_args(entry, out, *extra):

@@ -53,7 +53,8 @@ def datasets_root(tmp_path_factory):
     return root
 
 
-def run(script, args, datasets_root):
+def run_entry(script, args, datasets_root):
+    """Run an entry point; returns (exit status, stdout + stderr)."""
     env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "projects", script), *args],
@@ -63,8 +64,14 @@ def run(script, args, datasets_root):
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def run(script, args, datasets_root):
+    """Run an entry point that must succeed; returns its output."""
+    code, log = run_entry(script, args, datasets_root)
+    assert code == 0, log[-8000:]
+    return log
 
 
 def copypaste_ap(log):

@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
         cfg.MODEL.PIXEL_MEAN,
         cfg.MODEL.PIXEL_STD,
         cfg.INPUT.FORMAT,
-        scales=[s for s in cfg.INPUT.MIN_SIZE_TRAIN],
+        scales=tuple(cfg.INPUT.MIN_SIZE_TRAIN),
         seed=schedule.seed,
     )
     result = pretrain(

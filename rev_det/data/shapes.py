@@ -50,6 +50,7 @@ __all__ = [
     "MAX_OBJECTS",
     "SHAPES_CATEGORIES",
     "SHAPES_DATASETS",
+    "check_stream",
     "draw_shapes_sample",
     "ensure_shapes_dataset",
     "register_shapes_datasets",
@@ -306,6 +307,15 @@ def _draw_jpeg(seed: int, stream: str, index: int) -> Tuple[bytes, np.ndarray, L
     return buf.getvalue(), pixels, objects
 
 
+def check_stream(stream: str) -> None:
+    """Raise if ``stream`` names a dataset split: its images would leak into pretraining."""
+    if stream in _SPLITS:
+        raise ValueError(
+            f"stream {stream!r} is a split of the revdet_shapes datasets; name another stream "
+            "(e.g. 'pretrain') so that no dataset image, validation images included, is reused."
+        )
+
+
 def draw_shapes_sample(stream: str, index: int, seed: int = 0) -> Tuple[Image.Image, List[dict]]:
     """One image of the shapes generator outside the registered datasets, e.g. for pretraining.
 
@@ -323,11 +333,7 @@ def draw_shapes_sample(stream: str, index: int, seed: int = 0) -> Tuple[Image.Im
         ``category_id`` (as in :data:`SHAPES_CATEGORIES`) and ``mask`` (bool HxW, the visible
         part).
     """
-    if stream in _SPLITS:
-        raise ValueError(
-            f"stream {stream!r} is a split of the revdet_shapes datasets; name another stream "
-            "(e.g. 'pretrain') so that no dataset image, validation images included, is reused."
-        )
+    check_stream(stream)
     data, _, objects = _draw_jpeg(seed, stream, index)
     image = Image.open(io.BytesIO(data)).convert("RGB")
     return image, [
