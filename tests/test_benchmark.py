@@ -117,11 +117,46 @@ def test_largest_batch_doubles_then_bisects():
     assert benchmark.largest_batch(lambda b: False, limit=512) == (0, [])
 
 
-def test_speed_section_adds_the_parallel_backward_run():
+def test_speed_section_adds_the_parallel_backward_run_on_cuda():
     runs = [("autograd", "simple"), ("checkpoint", "simple"), ("reversible", "reversible")]
-    assert benchmark.speed_runs(runs) == [
+    assert benchmark.speed_runs(runs, "cuda") == [
         ("autograd", "simple", False),
         ("checkpoint", "simple", False),
         ("reversible", "reversible", False),
         ("reversible", "reversible", True),
     ]
+    assert benchmark.speed_runs(runs, "cpu") == [(*run, False) for run in runs]
+
+
+def test_speed_section_times_each_detector_interleaved_with_its_peak(tmp_path, monkeypatch):
+    out = str(tmp_path / "speed")
+    order = []
+    step = benchmark.SpeedRun.step
+
+    def recorded(run, data):
+        inner = step(run, data)
+        return lambda: (order.append((run.label, len(data))), inner())
+
+    monkeypatch.setattr(benchmark.SpeedRun, "step", recorded)
+    args = ["--size", "128", "--sections", "speed", "--speed-batches", "1", "2"]
+    args += ["--repeats", "2", "--warmup", "2", "--out", out, "--opts", *TINY]
+    results = benchmark.main(args)
+
+    labels = ["autograd", "checkpoint", "reversible"]
+    rows = results["speed"]
+    assert [(r["backprop"], r["batch"]) for r in rows] == [(b, n) for n in (1, 2) for b in labels]
+    assert all(len(r["times"]) == 2 and r["step_s"] > 0 for r in rows)
+    assert rows[0]["vs_first"] == 1.0
+    peak = {(r["backprop"], r["batch"]): r["peak"] for r in rows}
+    assert peak["reversible", 1] < peak["autograd", 1] < peak["autograd", 2]
+    # One untimed step of each (the other warm-up measures memory), then the timed steps in turn.
+    assert order[:9] == [(b, 1) for b in labels] + [(b, 1) for b in labels] * 2
+    assert "largest_batch" not in results
+    report = read(os.path.join(out, "results.md"))
+    assert "## Speed at 128x128" in report and "| reversible | reversible | 2 |" in report
+    assert os.path.isfile(os.path.join(out, "throughput_vs_batch.png"))
+
+
+def test_speed_arguments_are_checked():
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--warmup", "0"])

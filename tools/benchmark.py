@@ -30,10 +30,13 @@ classification
     average pooling and a linear head at 224x224 (``--classifiers``), at each of
     ``--cls-batches``, the marginal memory per added image between the two largest batches,
     and the paper's per-image figures beside them.
-speed (CUDA only; written against the CUDA APIs but not yet run on a GPU)
-    Step time (CUDA events, warm-up, median of repeats) and images per second at ``--batch``;
-    images per second against batch, doubling up to the largest batch that fits in the card's
-    memory per mode (doubling, then bisection; at most ``--max-batch``).
+speed
+    Training step time of the baseline, checkpoint and reversible detectors (on CUDA also the
+    reversible one with the parallel backward) at each of ``--speed-batches``: the median of
+    ``--repeats`` steps, interleaved across the detectors, after ``--warmup`` steps (CUDA events
+    on CUDA, the wall clock on CPU), images per second and the step's peak memory; on CUDA also
+    the largest batch that fits in the card's memory per detector (doubling, then bisection; at
+    most ``--max-batch``).
 
 Memory: on CPU the exact tensor tracker :class:`rev_det.utils.MemoryTracker` (bytes of live
 tensor storages, no allocator noise); on CUDA ``torch.cuda.max_memory_allocated`` after a
@@ -535,22 +538,21 @@ def marginal_per_image(rows: List[Row]) -> Dict[Tuple[str, str], Tuple[float, fl
 
 
 # ---------------------------------------------------------------------------------------------
-# Speed (CUDA)
+# Speed
 
 
-def time_step(step: Callable[[], None], warmup: int = 3, repeats: int = 10) -> float:
-    """Median seconds of ``step()`` on CUDA, timed with CUDA events after ``warmup`` runs."""
-    for _ in range(warmup):
+def timed(step: Callable[[], None], device: str) -> float:
+    """Seconds of one ``step()``: CUDA events on CUDA, the wall clock on CPU."""
+    if device != "cuda":
+        start = time.perf_counter()
         step()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000
 
 
 def largest_batch(fits: Callable[[int], bool], limit: int) -> Tuple[int, List[int]]:
@@ -570,56 +572,120 @@ def largest_batch(fits: Callable[[int], bool], limit: int) -> Tuple[int, List[in
     return lo, doubling
 
 
-def speed_runs(runs: List[Tuple[str, str]]) -> List[Tuple[str, str, bool]]:
-    """(backprop, pyramid, parallel backward) of the speed section: the main runs, and the
-    reversible one again with the parallel (two CUDA streams) backward."""
+def speed_runs(runs: List[Tuple[str, str]], device: str) -> List[Tuple[str, str, bool]]:
+    """(backprop, pyramid, parallel backward) of the speed section: the main runs, and on CUDA
+    the reversible one again with the parallel (two CUDA streams) backward."""
     speed = [(backprop, pyramid, False) for backprop, pyramid in runs]
-    speed += [(b, p, True) for b, p in runs if b == "reversible"]
+    if device == "cuda":
+        speed += [(b, p, True) for b, p in runs if b == "reversible"]
     return speed
 
 
+class SpeedRun:
+    """One detector of the speed section and its training step at a given batch.
+
+    Args:
+        label: the backprop column of the tables ("reversible (parallel)", ...).
+        pyramid: the pyramid column.
+        model: the Mask R-CNN, in train mode on the benchmark's device.
+    """
+
+    def __init__(self, label: str, pyramid: str, model: nn.Module, amp: bool):
+        self.label, self.pyramid, self.model, self.amp = label, pyramid, model, amp
+
+    def forward(self, data: List[dict]) -> Callable[[], torch.Tensor]:
+        return detection_forward(self.model, data, self.amp)
+
+    def step(self, data: List[dict]) -> Callable[[], None]:
+        forward = self.forward(data)
+
+        def step():
+            self.model.zero_grad(set_to_none=True)
+            forward().backward()
+
+        return step
+
+
 def run_speed(args, results, det: Detection):
-    if args.device != "cuda":
-        print("  speed: skipped (CUDA only)")
-        return
-    rows = []
-    for backprop, pyramid, parallel in speed_runs(det.main_runs()):
+    """Step times of the main detectors at each of ``--speed-batches``, interleaved (one step of
+    each detector in turn, ``--repeats`` times, after ``--warmup`` steps of each, the first of
+    which measures the step's peak memory), so that a machine that slows down or speeds up during
+    the run slows every detector alike; on CUDA also the largest batch of each."""
+    num_classes = det.cfg("reversible", "reversible").MODEL.ROI_HEADS.NUM_CLASSES
+    runs = []
+    for backprop, pyramid, parallel in speed_runs(det.main_runs(), args.device):
         torch.manual_seed(0)
         cfg = det.cfg(backprop, pyramid)
         cfg.MODEL.REV.PARALLEL_BACKWARD = parallel
-        model = build_model(cfg).train()
-        backprop += " (parallel)" if parallel else ""
+        label = backprop + (" (parallel)" if parallel else "")
+        runs.append(SpeedRun(label, pyramid, build_model(cfg).train(), args.amp))
+    # Filled in as measured, so that an interrupted run reports the batches it finished.
+    rows = results["speed"] = []
+    for batch in args.speed_batches:
+        data = synthetic_batch(args.size, batch, num_classes, args.device)
+        steps, peaks = [], []
+        for run in runs:
+            peaks.append(measure(run.forward(data), run.model.parameters(), args.device)["peak"])
+            steps.append(run.step(data))
+            for _ in range(args.warmup - 1):
+                steps[-1]()
+        times = [[] for _ in runs]
+        for _ in range(args.repeats):
+            for step, seconds in zip(steps, times):
+                seconds.append(timed(step, args.device))
+        first = statistics.median(times[0])
+        for run, peak, seconds in zip(runs, peaks, times):
+            median = statistics.median(seconds)
+            rows.append(
+                dict(
+                    backprop=run.label,
+                    pyramid=run.pyramid,
+                    batch=batch,
+                    step_s=median,
+                    images_per_s=batch / median,
+                    vs_first=median / first,
+                    peak=peak,
+                    times=seconds,
+                )
+            )
+            print(
+                f"  speed {run.label:21s} {run.pyramid:10s} batch {batch:3d}: {median:7.3f} s "
+                f"({median / first:.2f}x), peak {peak:8.1f} MiB",
+                flush=True,
+            )
+        del data, steps
+    if args.device == "cuda":
+        largest = results["largest_batch"] = []
+        for run in runs:
+            largest.append(largest_row(args, run, num_classes))
 
-        def make_step(batch, model=model, cfg=cfg):
-            data = synthetic_batch(args.size, batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "cuda")
-            forward = detection_forward(model, data, args.amp)
 
-            def step():
-                model.zero_grad(set_to_none=True)
-                forward().backward()
+def largest_row(args, run: SpeedRun, num_classes: int) -> Row:
+    """The largest batch (at most ``--max-batch``) whose training step fits in the card's
+    memory, and that step's peak memory."""
+    peaks = {}
 
-            return step
+    def fits(batch):
+        data = synthetic_batch(args.size, batch, num_classes, "cuda")
+        try:
+            peaks[batch] = measure(run.forward(data), run.model.parameters(), "cuda")["peak"]
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            del data
+            run.model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
 
-        def fits(batch, make_step=make_step, model=model):
-            try:
-                make_step(batch)()
-                torch.cuda.synchronize()
-                return True
-            except torch.OutOfMemoryError:
-                return False
-            finally:
-                model.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-
-        best, doubling = largest_batch(fits, args.max_batch)
-        for batch in sorted(set(doubling + [args.batch, best]) - {0}):
-            seconds = time_step(make_step(batch))
-            row = dict(backprop=backprop, pyramid=pyramid, batch=batch, step_s=seconds)
-            rows.append(dict(row, images_per_s=batch / seconds, largest=batch == best))
-            print(f"  speed {backprop:21s} batch {batch:4d}: {batch / seconds:8.2f} img/s")
-        del model
-        torch.cuda.empty_cache()
-    results["speed"] = rows
+    best, _ = largest_batch(fits, args.max_batch)
+    print(f"  largest batch {run.label:21s} {run.pyramid:10s}: {best}", flush=True)
+    return dict(
+        backprop=run.label,
+        pyramid=run.pyramid,
+        largest=best,
+        peak=peaks.get(best),
+        at_limit=best == args.max_batch,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -780,11 +846,23 @@ def report_classification(args, results) -> List[str]:
 
 def report_speed(args, results) -> List[str]:
     rows = results["speed"]
-    path = os.path.join(args.out, "throughput_vs_batch.png")
-    labels = ("batch", "training images / s")
-    notes = [plot(rows, "batch", "images_per_s", ("backprop", "pyramid"), labels, path, log="x")]
-    columns = ["backprop", "pyramid", "batch", "step_s", "images_per_s", "largest"]
-    return section(f"Speed (CUDA) at {args.size}x{args.size}", rows, columns, notes)
+    notes = [
+        f"median of {args.repeats} steps per detector, interleaved, after {args.warmup} "
+        "warm-up steps; vs_first = step time / the first row's at the same batch; peak = the "
+        "first warm-up step's"
+    ]
+    if len(args.speed_batches) > 1:
+        path = os.path.join(args.out, "throughput_vs_batch.png")
+        labels = ("batch", "training images / s")
+        series = ("backprop", "pyramid")
+        notes.append(plot(rows, "batch", "images_per_s", series, labels, path, log="x"))
+    columns = ["backprop", "pyramid", "batch", "step_s", "images_per_s", "vs_first", "peak"]
+    md = section(f"Speed at {args.size}x{args.size}", rows, columns, notes)
+    if "largest_batch" in results:
+        notes = [f"doubling, then bisection, up to --max-batch {args.max_batch}"]
+        columns = ["backprop", "pyramid", "largest", "peak", "at_limit"]
+        md += section("Largest batch that fits", results["largest_batch"], columns, notes)
+    return md
 
 
 def write_report(args, results) -> str:
@@ -804,6 +882,8 @@ def write_report(args, results) -> str:
         f"- process peak RSS {results['max_rss_gib']:.1f} GiB; {results['seconds'] / 60:.0f} min",
         "",
     ]
+    if "interrupted" in results:
+        md.insert(-1, f"- interrupted during the {results['interrupted']} section: partial results")
     reports = {
         "depth": report_depth,
         "resolution": report_resolution,
@@ -876,8 +956,8 @@ def parse_args(argv=None):
         "--sections",
         nargs="+",
         choices=SECTIONS,
-        default=["detection", "depth", "classification", "speed"],
-        help="what to measure (see above); default: detection depth classification speed",
+        help="what to measure (see above); default: detection depth classification, and speed "
+        "on CUDA",
     )
     add(
         "--depths",
@@ -921,10 +1001,26 @@ def parse_args(argv=None):
         help="batches of the classification section (default 4 16 64)",
     )
     add(
+        "--speed-batches",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="speed section: the batches timed (default 1)",
+    )
+    add(
+        "--repeats", type=int, default=5, help="speed section: timed steps per detector (default 5)"
+    )
+    add(
+        "--warmup",
+        type=int,
+        default=2,
+        help="speed section: untimed steps per detector first, at least 1 (default 2)",
+    )
+    add(
         "--max-batch",
         type=int,
         default=512,
-        help="speed section: upper limit of the largest-batch search (default 512)",
+        help="speed section (CUDA): upper limit of the largest-batch search (default 512)",
     )
     add(
         "--budget-gib",
@@ -949,6 +1045,14 @@ def parse_args(argv=None):
     add("--opts", nargs="+", default=[], help="KEY VALUE ... overrides of the detector config")
     add("--out", help="output folder (default benchmarks/<backbone>_<size>_<device>)")
     args = parser.parse_args(argv)
+    if args.sections is None:
+        args.sections = ["detection", "depth", "classification"]
+        args.sections += ["speed"] if args.device == "cuda" else []
+    if args.warmup < 1 or args.repeats < 1:
+        parser.error(
+            "--warmup and --repeats must be at least 1 (the first warm-up step measures "
+            "the peak memory)"
+        )
     if args.out is None:
         args.out = os.path.join(ROOT, "benchmarks", f"{args.backbone}_{args.size}_{args.device}")
     if args.budget_gib is None and args.device == "cpu":
@@ -981,13 +1085,23 @@ def main(argv=None):
     for name in SECTIONS:
         if name in args.sections:
             print(f"[{name}]", flush=True)
-            runners[name](args, results, det)
+            try:
+                runners[name](args, results, det)
+            except KeyboardInterrupt:
+                # Stopped by a time limit (SIGINT): keep what the section has measured so far.
+                results["interrupted"] = name
+                report(args, results, start)
+                raise
             # Written after every section, so that a long run keeps what it has measured.
-            results["seconds"] = time.time() - start
-            results["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
-            text = write_report(args, results)
+            text = report(args, results, start)
     print(text)
     return results
+
+
+def report(args, results, start: float) -> str:
+    results["seconds"] = time.time() - start
+    results["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+    return write_report(args, results)
 
 
 if __name__ == "__main__":
