@@ -9,7 +9,7 @@ D2MAIN_TARBALL ?= ../shared/vendor/detectron2-02b5c4e.tar.gz
 
 DEMO_CONFIG := configs/demo/mask_rcnn_rev_vit_demo.yaml
 
-.PHONY: setup test demo format d2main-env test-d2main
+.PHONY: setup test demo format d2main-env test-d2main gpu-check
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test-d2main: d2main-env
 demo: $(STAMP)
 	$(PY) projects/train_net.py --config-file $(DEMO_CONFIG)
 	$(PY) tools/demo_report.py --config-file $(DEMO_CONFIG)
+
+# On a machine with a CUDA device: tests/test_gpu.py and the CUDA benchmark (about 8 minutes),
+# results in benchmarks/gpu_check/ (docs/gpu.md).
+gpu-check: $(STAMP)
+	PYTHON=$(PY) bash tools/gpu_check.sh
 
 format: $(STAMP)
 	$(PY) -m isort --profile black -l 100 rev_det tests tools projects configs

@@ -40,7 +40,7 @@ speed
 
 Memory: on CPU the exact tensor tracker :class:`rev_det.utils.MemoryTracker` (bytes of live
 tensor storages, no allocator noise); on CUDA ``torch.cuda.max_memory_allocated`` after a
-reset (like the speed section, not yet run on a GPU). "peak" counts everything the step creates
+reset (run on an H200: docs/gpu.md). "peak" counts everything the step creates
 (activations, temporaries, parameter gradients); parameters themselves are listed apart and
 optimizer state is not included; "activations" is the peak of everything but parameter
 gradients (on CUDA: peak minus the gradients alive at the end); "stored" is what is alive
@@ -718,6 +718,10 @@ def _cell(row: Row, column: str) -> str:
         return f"~{predicted:.1f} (predicted)" if predicted is not None else "skipped"
     if column == "vs_baseline":
         return f"{value:.2f}x" + (" (predicted)" if row["vs_predicted"] else "")
+    if column == "vs_first":
+        return f"{value:.2f}x"
+    if column == "step_s":
+        return f"{value:.3f}"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 

@@ -61,7 +61,7 @@ if [ "$DRY_RUN" = 1 ]; then
         MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 64)
 else
     DEVICE=(--device cuda)
-    DETECTOR=(--size 1024 --speed-batches 1 2 4 --repeats 5 --warmup 2 --max-batch 64)
+    DETECTOR=(--size 1024 --speed-batches 1 2 4 --repeats 5 --warmup 2 --max-batch 128)
 fi
 
 stage environment 60 "$PYTHON" -c "
@@ -74,9 +74,9 @@ print('GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no
 "
 if command -v nvidia-smi >/dev/null; then stage nvidia-smi 30 nvidia-smi; fi
 stage test_gpu 150 "$PYTHON" -m pytest -v -rs -p no:cacheprovider tests/test_gpu.py
-stage speed-fp32 200 "$PYTHON" tools/benchmark.py --backbone rev_vit_b --sections speed \
+stage speed-fp32 240 "$PYTHON" tools/benchmark.py --backbone rev_vit_b --sections speed \
     "${DEVICE[@]}" --out "$OUT_DIR/fp32" "${DETECTOR[@]}"
-stage speed-bf16 160 "$PYTHON" tools/benchmark.py --backbone rev_vit_b --sections speed --amp \
+stage speed-bf16 180 "$PYTHON" tools/benchmark.py --backbone rev_vit_b --sections speed --amp \
     "${DEVICE[@]}" --out "$OUT_DIR/bf16" "${DETECTOR[@]}"
 echo "gpu_check: exit $STATUS; results in $OUT_DIR" | tee -a "$LOG"
 exit "$STATUS"
