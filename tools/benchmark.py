@@ -31,8 +31,10 @@ classification
     ``--cls-batches``, the marginal memory per added image between the two largest batches,
     and the paper's per-image figures beside them.
 speed
-    Training step time of the baseline, checkpoint and reversible detectors (on CUDA also the
-    reversible one with the parallel backward) at each of ``--speed-batches``: the median of
+    Training step time of Detectron2's own ViTDet with autograd and with activation
+    checkpointing (same RPN and heads; Detectron2 main only), then rev_det's baseline, checkpoint
+    and reversible detectors (on CUDA also the reversible one with the parallel backward) at
+    each of ``--speed-batches``: the median of
     ``--repeats`` steps, interleaved across the detectors, after ``--warmup`` steps (CUDA events
     on CUDA, the wall clock on CPU), images per second and the step's peak memory; on CUDA also
     the largest batch that fits in the card's memory per detector (doubling, then bisection; at
@@ -89,6 +91,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import rev_det  # noqa: E402
 from rev_det.modeling import RevViT  # noqa: E402
@@ -606,13 +609,91 @@ class SpeedRun:
         return step
 
 
+class _Checkpointed(nn.Module):
+    """A block run through ``torch.utils.checkpoint``: its input is stored, the rest recomputed
+    in backward (rev_det's "checkpoint" mode does the same per block)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+def vitdet_backbone(cfg, act_checkpoint: bool, size: int) -> Optional[nn.Module]:
+    """Detectron2's own ViTDet backbone (``ViT`` + ``SimpleFeaturePyramid``, as its
+    ``mask_rcnn_vitdet`` config builds them) with the trunk sizes of ``cfg.MODEL.REVVIT``; None
+    on a Detectron2 without ViTDet (v0.6).
+
+    With ``act_checkpoint`` every block runs through ``torch.utils.checkpoint``: ViTDet's
+    ``use_act_checkpoint`` does the same through fairscale's wrapper (a dependency rev_det does
+    not need; Detectron2 marks it "TODO: use torch.utils.checkpoint").
+    """
+    try:
+        from detectron2.modeling import SimpleFeaturePyramid, ViT
+    except ImportError:
+        return None
+    from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+    c = cfg.MODEL.REVVIT
+    net = ViT(
+        img_size=c.IMG_SIZE,
+        patch_size=c.PATCH_SIZE,
+        embed_dim=c.EMBED_DIM,
+        depth=c.DEPTH,
+        num_heads=c.NUM_HEADS,
+        mlp_ratio=c.MLP_RATIO,
+        qkv_bias=c.QKV_BIAS,
+        drop_path_rate=c.DROP_PATH_RATE,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_abs_pos=c.USE_ABS_POS,
+        use_rel_pos=c.USE_REL_POS,
+        window_size=c.WINDOW_SIZE,
+        window_block_indexes=list(c.WINDOW_BLOCK_INDEXES),
+        pretrain_img_size=c.PRETRAIN_IMG_SIZE,
+        pretrain_use_cls_token=c.PRETRAIN_USE_CLS_TOKEN,
+    )
+    if act_checkpoint:
+        net.blocks = nn.ModuleList(_Checkpointed(block) for block in net.blocks)
+    return SimpleFeaturePyramid(
+        net,
+        in_feature="last_feat",
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        scale_factors=(4.0, 2.0, 1.0, 0.5),
+        top_block=LastLevelMaxPool(),
+        norm="LN",
+        square_pad=size,
+    )
+
+
+def vitdet_runs(args, det: Detection) -> List["SpeedRun"]:
+    """ViTDet-B Mask R-CNN with autograd and with activation checkpointing: rev_det's detector
+    (same RPN and heads) with its backbone replaced by Detectron2's own; empty on Detectron2
+    v0.6 (a line says so)."""
+    if not det.vit:
+        return []
+    runs = []
+    for backprop in ("autograd", "checkpoint"):
+        torch.manual_seed(0)
+        cfg = det.cfg("autograd", "simple")
+        model = build_model(cfg)
+        backbone = vitdet_backbone(cfg, backprop == "checkpoint", args.size)
+        if backbone is None:
+            print(f"  speed: ViTDet skipped (Detectron2 {detectron2.__version__} has no ViT)")
+            return []
+        model.backbone = backbone.to(model.device)
+        runs.append(SpeedRun(backprop, "ViTDet (Detectron2)", model.train(), args.amp))
+    return runs
+
+
 def run_speed(args, results, det: Detection):
     """Step times of the main detectors at each of ``--speed-batches``, interleaved (one step of
     each detector in turn, ``--repeats`` times, after ``--warmup`` steps of each, the first of
     which measures the step's peak memory), so that a machine that slows down or speeds up during
     the run slows every detector alike; on CUDA also the largest batch of each."""
     num_classes = det.cfg("reversible", "reversible").MODEL.ROI_HEADS.NUM_CLASSES
-    runs = []
+    runs = vitdet_runs(args, det) if args.vitdet else []
     for backprop, pyramid, parallel in speed_runs(det.main_runs(), args.device):
         torch.manual_seed(0)
         cfg = det.cfg(backprop, pyramid)
@@ -654,7 +735,7 @@ def run_speed(args, results, det: Detection):
                 flush=True,
             )
         del data, steps
-    if args.device == "cuda":
+    if args.device == "cuda" and args.max_batch > 0:
         largest = results["largest_batch"] = []
         for run in runs:
             largest.append(largest_row(args, run, num_classes))
@@ -1005,6 +1086,13 @@ def parse_args(argv=None):
         help="batches of the classification section (default 4 16 64)",
     )
     add(
+        "--no-vitdet",
+        dest="vitdet",
+        action="store_false",
+        help="speed section: leave out Detectron2's ViTDet (timed first, with autograd and with "
+        "activation checkpointing, when Detectron2 has it: main, not v0.6)",
+    )
+    add(
         "--speed-batches",
         type=int,
         nargs="+",
@@ -1024,7 +1112,8 @@ def parse_args(argv=None):
         "--max-batch",
         type=int,
         default=512,
-        help="speed section (CUDA): upper limit of the largest-batch search (default 512)",
+        help="speed section (CUDA): upper limit of the largest-batch search, 0 for none "
+        "(default 512)",
     )
     add(
         "--budget-gib",

@@ -37,7 +37,10 @@ def build_pyramid(cfg, net: Backbone) -> Backbone:
         square_pad=cfg.MODEL.REV.SQUARE_PAD,
     )
     if kind == "simple":
-        return SimpleFeaturePyramid(net, in_feature=net._out_features[0], **common)
+        # From the stream width, as ViTDet's pyramid from its ViT's width.
+        name = net._out_features[0]
+        width = net.output_shape()[name].channels // 2
+        return SimpleFeaturePyramid(net, in_feature=name, width=width, **common)
     return ReversibleFeaturePyramid(net, num_blocks=cfg.MODEL.REV.PYRAMID_BLOCKS, **common)
 
 
