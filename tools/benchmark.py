@@ -227,22 +227,43 @@ def param_mib(model: nn.Module) -> float:
 # Mask R-CNN
 
 
-def synthetic_batch(size: int, batch: int, num_classes: int, device: str) -> List[dict]:
-    """Images with a few boxes and masks each, so that every head produces losses."""
+def synthetic_batch(
+    size: int, batch: int, num_classes: int, device: str, objects: int = 3
+) -> List[dict]:
+    """Images with ``objects`` boxes and masks each, so that every head produces losses.
+
+    With 3 objects (the memory sections) the mask head trains on however many sampled
+    proposals overlap them, which depends on the model's weights. The speed section gives every
+    image as many objects as the ROI heads sample foreground proposals at most
+    (:func:`saturating_objects`): ground-truth boxes count as proposals, so the mask head then
+    always sees that maximum, and detectors differ only in their backbones' work.
+    """
     g = torch.Generator().manual_seed(0)
     out = []
+    # 3 fixed boxes, then random ones of 5-40% of the side.
+    fixed = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8], [0.2, 0.5, 0.4, 0.9]])
     for _ in range(batch):
         inst = Instances((size, size))
-        boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8], [0.2, 0.5, 0.4, 0.9]])
+        corner = torch.rand(max(objects - 3, 0), 2, generator=g) * 0.6
+        side = 0.05 + torch.rand(max(objects - 3, 0), 2, generator=g) * 0.35
+        boxes = torch.cat([fixed, torch.cat([corner, corner + side], dim=1)])[:objects]
         inst.gt_boxes = Boxes(boxes * size)
-        inst.gt_classes = torch.randint(0, num_classes, (3,), generator=g)
-        masks = torch.zeros(3, size, size, dtype=torch.bool)
+        inst.gt_classes = torch.randint(0, num_classes, (objects,), generator=g)
+        masks = torch.zeros(objects, size, size, dtype=torch.bool)
         for m, (x0, y0, x1, y1) in zip(masks, (boxes * size).long().tolist()):
             m[y0:y1, x0:x1] = True
         inst.gt_masks = BitMasks(masks)
         image = torch.randint(0, 255, (3, size, size), generator=g, dtype=torch.uint8)
         out.append({"image": image.to(device), "instances": inst.to(device)})
     return out
+
+
+def saturating_objects(cfg) -> int:
+    """Objects per image that make every detector's ROI heads sample the most foreground
+    proposals they can (``BATCH_SIZE_PER_IMAGE * POSITIVE_FRACTION``; see
+    :func:`synthetic_batch`)."""
+    heads = cfg.MODEL.ROI_HEADS
+    return int(heads.BATCH_SIZE_PER_IMAGE * heads.POSITIVE_FRACTION)
 
 
 def detection_forward(model, batch, amp: bool):
@@ -692,7 +713,8 @@ def run_speed(args, results, det: Detection):
     each detector in turn, ``--repeats`` times, after ``--warmup`` steps of each, the first of
     which measures the step's peak memory), so that a machine that slows down or speeds up during
     the run slows every detector alike; on CUDA also the largest batch of each."""
-    num_classes = det.cfg("reversible", "reversible").MODEL.ROI_HEADS.NUM_CLASSES
+    cfg = det.cfg("reversible", "reversible")
+    num_classes, objects = cfg.MODEL.ROI_HEADS.NUM_CLASSES, saturating_objects(cfg)
     runs = vitdet_runs(args, det) if args.vitdet else []
     for backprop, pyramid, parallel in speed_runs(det.main_runs(), args.device):
         torch.manual_seed(0)
@@ -703,7 +725,7 @@ def run_speed(args, results, det: Detection):
     # Filled in as measured, so that an interrupted run reports the batches it finished.
     rows = results["speed"] = []
     for batch in args.speed_batches:
-        data = synthetic_batch(args.size, batch, num_classes, args.device)
+        data = synthetic_batch(args.size, batch, num_classes, args.device, objects)
         steps, peaks = [], []
         for run in runs:
             peaks.append(measure(run.forward(data), run.model.parameters(), args.device)["peak"])
@@ -738,16 +760,16 @@ def run_speed(args, results, det: Detection):
     if args.device == "cuda" and args.max_batch > 0:
         largest = results["largest_batch"] = []
         for run in runs:
-            largest.append(largest_row(args, run, num_classes))
+            largest.append(largest_row(args, run, num_classes, objects))
 
 
-def largest_row(args, run: SpeedRun, num_classes: int) -> Row:
+def largest_row(args, run: SpeedRun, num_classes: int, objects: int) -> Row:
     """The largest batch (at most ``--max-batch``) whose training step fits in the card's
     memory, and that step's peak memory."""
     peaks = {}
 
     def fits(batch):
-        data = synthetic_batch(args.size, batch, num_classes, "cuda")
+        data = synthetic_batch(args.size, batch, num_classes, "cuda", objects)
         try:
             peaks[batch] = measure(run.forward(data), run.model.parameters(), "cuda")["peak"]
             return True
@@ -934,7 +956,8 @@ def report_speed(args, results) -> List[str]:
     notes = [
         f"median of {args.repeats} steps per detector, interleaved, after {args.warmup} "
         "warm-up steps; vs_first = step time / the first row's at the same batch; peak = the "
-        "first warm-up step's"
+        "first warm-up step's; every image has as many objects as the ROI heads sample "
+        "foreground proposals at most, so that all detectors' heads do the same work"
     ]
     if len(args.speed_batches) > 1:
         path = os.path.join(args.out, "throughput_vs_batch.png")

@@ -2,7 +2,8 @@
 """Where the time of one Mask R-CNN training step goes, per backprop mode.
 
 Two views of the same detectors (``tools/benchmark.py``'s, from
-``configs/COCO/mask_rcnn_<backbone>.yaml``), on synthetic images:
+``configs/COCO/mask_rcnn_<backbone>.yaml``; with Detectron2 main also its own ViTDet with the
+same heads), on synthetic images:
 
 components
     Forward + backward of the trunk alone, of the backbone (trunk + pyramid) and of the full
@@ -131,17 +132,25 @@ def trunk_forward(net, images):
 
 
 def profile_mode(args, det, backprop: str, pyramid: str) -> dict:
-    cfg = det.cfg(backprop, pyramid)
+    vitdet = pyramid == "vitdet"
+    cfg = det.cfg("autograd" if vitdet else backprop, "simple" if vitdet else pyramid)
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    data = benchmark.synthetic_batch(args.size, args.batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "cpu")
+    if vitdet:
+        model.backbone = benchmark.vitdet_backbone(cfg, backprop == "checkpoint", args.size)
+        if model.backbone is None:
+            raise SystemExit(f"{backprop}/vitdet: this Detectron2 has no ViT (use Detectron2 main)")
+    objects = benchmark.saturating_objects(cfg)  # the same head workload for every detector
+    data = benchmark.synthetic_batch(
+        args.size, args.batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "cpu", objects
+    )
+    # Square synthetic images of a size divisible by every stride: no padding anywhere.
     images = model.preprocess_image(data).tensor
     backbone = model.backbone
-    padded = backbone._pad_to_square(images)
     step_forward = benchmark.detection_forward(model, data, False)
     seconds = median_seconds(
         {
-            "trunk": backward_of(trunk_forward(backbone.net, padded), model),
+            "trunk": backward_of(trunk_forward(backbone.net, images), model),
             "backbone": backward_of(benchmark.backbone_forward(backbone, images, False), model),
             "step": backward_of(step_forward, model),
         },
@@ -223,6 +232,9 @@ def main(argv=None):
         nargs="+",
         default=["autograd/simple", "checkpoint/simple", "reversible/reversible"],
         metavar="BACKPROP/PYRAMID",
+        help="detectors: rev_det's (backprop/pyramid) and Detectron2 main's ViTDet "
+        "(autograd/vitdet, checkpoint/vitdet); default: rev_det's autograd/simple, "
+        "checkpoint/simple and reversible/reversible",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--opts", nargs="+", default=[], help="KEY VALUE ... config overrides")
@@ -232,13 +244,12 @@ def main(argv=None):
         benchmark.ROOT, "benchmarks", f"profile_{args.backbone}_{args.size}"
     )
     bench_args = benchmark.parse_args(
-        ["--backbone", args.backbone, "--size", str(args.size), "--device", "cpu", "--pairs"]
-        + args.modes
+        ["--backbone", args.backbone, "--size", str(args.size), "--device", "cpu"]
         + (["--opts", *args.opts] if args.opts else [])
     )
     det = benchmark.Detection(bench_args, benchmark.MemoryBudget(None))
     rows = []
-    for backprop, pyramid in det.runs():
+    for backprop, pyramid in (mode.split("/") for mode in args.modes):
         print(f"profiling {backprop} + {pyramid} at {args.size}", flush=True)
         rows.append(profile_mode(args, det, backprop, pyramid))
         print(json.dumps(rows[-1]["components"]), flush=True)

@@ -13,15 +13,14 @@ import argparse
 
 import torch
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
-from rev_det.modeling import ReversibleFeaturePyramid, SimpleFeaturePyramid
+from rev_det.modeling import ReversibleFeaturePyramid, SimpleFeaturePyramid, TwoStreamTrunk
 from rev_det.utils import MemoryTracker, MiB
 
 
-class FixedStreams(Backbone):
+class FixedStreams(TwoStreamTrunk):
     """A stand-in trunk returning given streams (as RevViT's forward_streams/fuse would)."""
 
     def __init__(self, x1, x2, backprop):
@@ -29,15 +28,13 @@ class FixedStreams(Backbone):
         self.x1, self.x2, self.backprop = x1, x2, backprop
         self.norm = nn.LayerNorm(2 * x1.shape[1])
         self._out_features = ["last_feat"]
+        self._out_feature_channels = {"last_feat": 2 * x1.shape[1]}
 
     def forward_streams(self, images):
         return self.x1, self.x2
 
     def fuse(self, x1, x2):
         return self.norm(torch.cat([x1, x2], 1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    def forward(self, images):
-        return {"last_feat": self.fuse(self.x1, self.x2)}
 
     def output_shape(self):
         return {"last_feat": ShapeSpec(channels=2 * self.x1.shape[1], stride=16)}

@@ -29,8 +29,9 @@ if [ "$(cat "$build_stamp" 2>/dev/null)" != "$tarball_sha" ]; then
         pip install $torch_spec
     fi
     # Main's model_zoo (hence every LazyConfig) imports pkg_resources, gone from setuptools 81;
-    # ninja lets torch's extension builder compile the CPU ops in parallel.
-    pip install "setuptools<81" wheel ninja
+    # ninja lets torch's extension builder compile the CPU ops in parallel; main's ViT (ViTDet,
+    # which tools/benchmark.py times beside rev_det) imports timm.
+    pip install "setuptools<81" wheel ninja timm
     src="$venv/src"
     rm -rf "$src"
     mkdir -p "$src"

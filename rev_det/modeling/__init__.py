@@ -6,12 +6,14 @@ from .layers import LayerNorm2d, get_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
 from .rev_mvit import REVMVIT_SIZES, RevMViT
 from .rev_vit import REVVIT_SIZES, RevViT
+from .trunk import TwoStreamTrunk
 
 __all__ = [
     "RevViT",
     "REVVIT_SIZES",
     "RevMViT",
     "REVMVIT_SIZES",
+    "TwoStreamTrunk",
     "RecomputedFPN",
     "SimpleFeaturePyramid",
     "ReversibleFeaturePyramid",

@@ -7,7 +7,7 @@ from PIL import Image
 from torch import nn
 
 from ..config import PYRAMIDS, check_choice
-from ..reversible import BACKPROP_MODES
+from ..reversible import BackpropModule, check_backprop
 from ..solver import expect_optimizer
 from .fpn import RecomputedFPN
 from .layers import resolve_norm
@@ -39,8 +39,7 @@ def build_pyramid(cfg, net: Backbone) -> Backbone:
     if kind == "simple":
         # From the stream width, as ViTDet's pyramid from its ViT's width.
         name = net._out_features[0]
-        width = net.output_shape()[name].channels // 2
-        return SimpleFeaturePyramid(net, in_feature=name, width=width, **common)
+        return SimpleFeaturePyramid(net, in_feature=name, width=net.stream_channels, **common)
     return ReversibleFeaturePyramid(net, num_blocks=cfg.MODEL.REV.PYRAMID_BLOCKS, **common)
 
 
@@ -75,9 +74,9 @@ def set_backprop(model: nn.Module, mode: str) -> nn.Module:
 
     The parameters stay the same, so one model can be measured in all three modes.
     """
-    check_choice("backprop", mode, BACKPROP_MODES)
+    check_backprop(mode)
     for module in model.modules():
-        if hasattr(module, "backprop"):
+        if isinstance(module, BackpropModule):
             module.backprop = mode
     return model
 
@@ -103,7 +102,7 @@ def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         window_block_indexes=tuple(c.WINDOW_BLOCK_INDEXES),
         pretrain_img_size=c.PRETRAIN_IMG_SIZE,
         pretrain_use_cls_token=c.PRETRAIN_USE_CLS_TOKEN,
-        backprop=check_choice("MODEL.REV.BACKPROP", cfg.MODEL.REV.BACKPROP, BACKPROP_MODES),
+        backprop=check_backprop(cfg.MODEL.REV.BACKPROP, "MODEL.REV.BACKPROP"),
         parallel_backward=cfg.MODEL.REV.PARALLEL_BACKWARD,
     )
     return expect_optimizer(build_pyramid(cfg, net), cfg.SOLVER.OPTIMIZER)
@@ -124,7 +123,7 @@ def build_rev_mvit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
             "set MODEL.REV.SQUARE_PAD to 0."
         )
     c = cfg.MODEL.REVMVIT
-    backprop = check_choice("MODEL.REV.BACKPROP", cfg.MODEL.REV.BACKPROP, BACKPROP_MODES)
+    backprop = check_backprop(cfg.MODEL.REV.BACKPROP, "MODEL.REV.BACKPROP")
     net = RevMViT(
         img_size=c.IMG_SIZE,
         in_chans=input_shape.channels,

@@ -8,8 +8,7 @@ from detectron2.modeling import Backbone
 from detectron2.modeling.backbone.fpn import FPN
 from torch.utils.checkpoint import checkpoint
 
-from ..config import check_choice
-from ..reversible import BACKPROP_MODES
+from ..reversible import BackpropModule
 
 __all__ = ["RecomputedFPN"]
 
@@ -28,7 +27,7 @@ class _GivenFeatures(Backbone):
         return self._shapes
 
 
-class RecomputedFPN(Backbone):
+class RecomputedFPN(Backbone, BackpropModule):
     """A multi-scale trunk followed by Detectron2's FPN whose activations are not stored.
 
     ::
@@ -67,7 +66,7 @@ class RecomputedFPN(Backbone):
             top_block=top_block,
             fuse_type=fuse_type,
         )
-        self.backprop = check_choice("backprop", backprop, BACKPROP_MODES)
+        self.backprop = backprop
 
     @property
     def size_divisibility(self) -> int:
@@ -82,6 +81,6 @@ class RecomputedFPN(Backbone):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = self.net(x)
-        if self.backprop == "autograd" or not (self.training and torch.is_grad_enabled()):
-            return self.fpn(features)
-        return checkpoint(self.fpn, features, use_reentrant=False)
+        if self.recomputes():
+            return checkpoint(self.fpn, features, use_reentrant=False)
+        return self.fpn(features)

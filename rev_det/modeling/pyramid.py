@@ -16,9 +16,9 @@ from detectron2.modeling import Backbone
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import check_choice
-from ..reversible import BACKPROP_MODES, ReversibleBlock, reversible_sequence
+from ..reversible import BackpropModule, ReversibleBlock, check_backprop, reversible_sequence
 from .layers import get_norm
+from .trunk import TwoStreamTrunk
 
 __all__ = ["SimpleFeaturePyramid", "ReversibleFeaturePyramid"]
 
@@ -243,7 +243,7 @@ class _Level(nn.Module):
         return self.norm(torch.cat([y1, y2], dim=1))
 
 
-class ReversibleFeaturePyramid(_PyramidBase):
+class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
     """A p2-p6 pyramid whose internal activations are rebuilt or recomputed in backward.
 
     It takes the trunk's two streams (``net.forward_streams``), not their fusion. Per level::
@@ -266,8 +266,8 @@ class ReversibleFeaturePyramid(_PyramidBase):
     "autograd" mode the same architecture stores every activation (the fair baseline).
 
     Args:
-        net: the trunk: a Backbone with ``forward_streams(x) -> (x1, x2)``, each (B, C, H/t,
-            W/t), ``fuse(x1, x2) -> (B, 2C, H/t, W/t)`` and ``backprop``.
+        net: the trunk, a :class:`TwoStreamTrunk` (``forward_streams``, ``fuse``,
+            ``backprop``).
         out_channels: channels of every output level (even).
         scale_factors: resampling per level (trunk stride / level stride); None: p2-p5, i.e.
             (4, 2, 1, 0.5) on a stride-16 trunk, (2, 1, 0.5, 0.25) on a stride-8 one.
@@ -291,34 +291,31 @@ class ReversibleFeaturePyramid(_PyramidBase):
         backprop: Optional[str] = None,
     ):
         super().__init__()
-        if not hasattr(net, "forward_streams"):
+        if not isinstance(net, TwoStreamTrunk):
             raise TypeError(
-                f"{type(net).__name__} has no forward_streams(); the reversible pyramid needs a "
-                "two-stream trunk such as RevViT."
+                f"{type(net).__name__} is not a TwoStreamTrunk; the reversible pyramid needs a "
+                "two-stream trunk (forward_streams and fuse) such as RevViT."
             )
         self.net = net
         scale_factors = self._init_outputs(net, scale_factors, out_channels, top_block, square_pad)
-        dim = net.output_shape()[net._out_features[0]].channels // 2  # per stream
+        dim = net.stream_channels
         self.levels = nn.ModuleList(
             _Level(s, dim, out_channels, num_blocks, norm) for s in scale_factors
         )
-        self._backprop = (
-            None if backprop is None else check_choice("backprop", backprop, BACKPROP_MODES)
-        )
+        self._backprop = None if backprop is None else check_backprop(backprop)
 
+    # None follows the trunk's mode.
     @property
     def backprop(self) -> str:
         return self._backprop or self.net.backprop
 
     @backprop.setter
     def backprop(self, mode: str):
-        self._backprop = check_choice("backprop", mode, BACKPROP_MODES)
+        self._backprop = check_backprop(mode)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x1, x2 = self.net.forward_streams(self._pad_to_square(x))
-        mode = self.backprop
-        recompute = mode != "autograd" and self.training and torch.is_grad_enabled()
-        fuse = self.net.fuse
+        mode, recompute, fuse = self.backprop, self.recomputes(), self.net.fuse
         results = [
             (
                 checkpoint(level, x1, x2, fuse, mode, use_reentrant=False)

@@ -10,8 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from ..config import check_choice
-from ..reversible import BACKPROP_MODES, ReversibleBlock, reversible_sequence
+from ..reversible import BackpropModule, ReversibleBlock, reversible_sequence
 from .attention import (
     Mlp,
     attention_with_rel_pos,
@@ -329,7 +328,7 @@ class StageTransitionBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class RevMViT(Backbone):
+class RevMViT(Backbone, BackpropModule):
     """Reversible MViTv2 trunk for detection: four stages at strides 4, 8, 16, 32.
 
     Layout (block indexes as in Detectron2's MViT, one global ``blocks`` list): the first block
@@ -507,14 +506,6 @@ class RevMViT(Backbone):
         )
 
     @property
-    def backprop(self) -> str:
-        return self._backprop
-
-    @backprop.setter
-    def backprop(self, mode: str):
-        self._backprop = check_choice("backprop", mode, BACKPROP_MODES)
-
-    @property
     def size_divisibility(self) -> int:
         return self._size_divisibility
 
@@ -526,7 +517,7 @@ class RevMViT(Backbone):
         # A transition is not invertible, but its input (the fused stage output) is kept
         # anyway, so recomputing it in backward costs no memory: stored, the transitions
         # would hold most of the trunk's activations (83% at 256x256 for RevMViT-B).
-        if self._backprop != "autograd" and block.training and torch.is_grad_enabled():
+        if self.recomputes():
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
@@ -541,7 +532,7 @@ class RevMViT(Backbone):
             # The stage's reversible run: after its transition block (stages 3 to 5) to its end.
             first = ends[stage - 1] + 2 if stage else 0
             blocks = list(self.blocks[first : last + 1])
-            x1, x2 = reversible_sequence(blocks, x, x, self._backprop, self.parallel_backward)
+            x1, x2 = reversible_sequence(blocks, x, x, self.backprop, self.parallel_backward)
             fused = torch.cat([x1, x2], dim=-1)
             name = f"scale{stage + 2}"
             if name in self._out_features:

@@ -6,7 +6,6 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import Backbone
 from torch import nn
 from torchvision.ops import StochasticDepth
 
@@ -20,6 +19,7 @@ from .attention import (
     window_partition,
     window_unpartition,
 )
+from .trunk import TwoStreamTrunk
 
 __all__ = ["RevViT", "RevViTBlock", "Attention", "PatchEmbed", "REVVIT_SIZES"]
 
@@ -155,7 +155,7 @@ class RevViTBlock(ReversibleBlock):
         return self.drop_path(self.mlp(self.norm2(x)))
 
 
-class RevViT(Backbone):
+class RevViT(TwoStreamTrunk):
     """Reversible Vision Transformer trunk for detection (ViTDet layout, Rev-ViT blocks).
 
     The patch tokens are duplicated into two streams (as in the paper), run through
@@ -266,6 +266,7 @@ class RevViT(Backbone):
         self._out_feature_strides = {out_feature: patch_size}
         init_vit_weights(self, self.pos_embed)
 
+    # The mode is the block sequence's: one value, however it is set.
     @property
     def backprop(self) -> str:
         return self.blocks.backprop
@@ -291,9 +292,6 @@ class RevViT(Backbone):
         """Concatenate the (B, C, h, w) streams and LayerNorm the 2C channels."""
         x = torch.cat([x1, x2], dim=1).permute(0, 2, 3, 1)
         return self.norm(x).permute(0, 3, 1, 2)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {self._out_features[0]: self.fuse(*self.forward_streams(x))}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {

@@ -1,13 +1,14 @@
 """The reversible backpropagation engine (torch only; knows nothing of images or Detectron2).
 
-* :mod:`.engine`: reversible blocks and sequences, the three backprop modes;
+* :mod:`.modes`: the three backprop modes and :class:`BackpropModule`, the contract of a module
+  that follows one;
+* :mod:`.engine`: reversible blocks and sequences;
 * :mod:`.schedule`: the order of the reversible backward's steps, serial or on two CUDA streams;
 * :mod:`.drift`: how far rebuilt inputs drift from the true ones.
 """
 
 from .drift import SequenceInput, measure_reconstruction, record_sequence_inputs
 from .engine import (
-    BACKPROP_MODES,
     ReconstructionError,
     ReversibleBlock,
     ReversibleSequence,
@@ -15,13 +16,16 @@ from .engine import (
     name_reversible_blocks,
     reversible_sequence,
 )
+from .modes import BACKPROP_MODES, BackpropModule, check_backprop
 
 __all__ = [
     "BACKPROP_MODES",
+    "BackpropModule",
     "ReconstructionError",
     "ReversibleBlock",
     "ReversibleSequence",
     "SequenceInput",
+    "check_backprop",
     "describe_block",
     "measure_reconstruction",
     "name_reversible_blocks",

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .engine import ReversibleBlock
+from .modes import BackpropModule
 
 __all__ = ["check_ddp_model", "reversible_owners"]
 
@@ -28,15 +29,15 @@ __all__ = ["check_ddp_model", "reversible_owners"]
 def reversible_owners(model: nn.Module) -> List[str]:
     """Names of the modules of ``model`` that back-propagate through the reversible Function.
 
-    A module runs reversible blocks with the mode of its nearest enclosing module that has a
-    ``backprop`` attribute (a :class:`ReversibleSequence`, RevViT, RevMViT, a reversible
+    A module runs reversible blocks with the mode of its nearest enclosing
+    :class:`BackpropModule` (a :class:`ReversibleSequence`, RevViT, RevMViT, a reversible
     pyramid); this returns the names of those owners whose mode is ``"reversible"`` and that own
     at least one :class:`ReversibleBlock` ("" for ``model`` itself).
     """
     owners = []
 
     def visit(module: nn.Module, name: str, owner: str, mode: str):
-        if hasattr(module, "backprop"):
+        if isinstance(module, BackpropModule):
             owner, mode = name, module.backprop
         if isinstance(module, ReversibleBlock) and mode == "reversible" and owner not in owners:
             owners.append(owner)

@@ -59,9 +59,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
 
 from . import schedule
+from .modes import BackpropModule, check_backprop
 
 __all__ = [
-    "BACKPROP_MODES",
     "ReconstructionError",
     "ReversibleBlock",
     "ReversibleSequence",
@@ -72,7 +72,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKPROP_MODES = ("reversible", "autograd", "checkpoint")
 
 # The inverse of a block, step by step: (function, the stream it reads). Each step subtracts the
 # function of the stream it reads from the other stream: X2 = Y2 - G(Y1), then X1 = Y1 - F(X2).
@@ -352,12 +351,6 @@ class _ReversibleFunction(torch.autograd.Function):
         return dx1, dx2, None, None, None, None
 
 
-def _check_backprop(backprop: str) -> str:
-    if backprop not in BACKPROP_MODES:
-        raise ValueError(f"Unknown backprop mode {backprop!r}; valid modes: {BACKPROP_MODES}.")
-    return backprop
-
-
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     # The streams are rebuilt by subtraction; in half precision that drifts (2e-2 relative
     # after 24 blocks in bf16), in fp32 it stays near rounding. F and G still run in the
@@ -385,7 +378,7 @@ def reversible_sequence(
             activations of two functions alive instead of one). Elsewhere the backward runs
             serially.
     """
-    _check_backprop(backprop)
+    check_backprop(backprop)
     x1, x2 = _upcast(x1), _upcast(x2)
     training = torch.is_grad_enabled() and any(b.training for b in blocks)
     if not training or backprop == "autograd":
@@ -414,7 +407,7 @@ def _unique_trainable_parameters(blocks: Sequence[nn.Module]) -> List[nn.Paramet
     return params
 
 
-class ReversibleSequence(nn.ModuleList):
+class ReversibleSequence(nn.ModuleList, BackpropModule):
     """A list of :class:`ReversibleBlock` run by :func:`reversible_sequence`.
 
     It is an ``nn.ModuleList``, so its blocks are named ``{i}.<sub-module>`` exactly as in a
@@ -440,7 +433,7 @@ class ReversibleSequence(nn.ModuleList):
                     f"block {i} is a {type(block).__name__}, not a ReversibleBlock: a reversible "
                     "sequence needs blocks that expose F and G (subclass ReversibleBlock)."
                 )
-        self.backprop = _check_backprop(backprop)
+        self.backprop = backprop
         self.parallel_backward = parallel_backward
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,54 @@
+"""The backprop modes, and the contract of a module that follows one.
+
+Every part of rev_det that can trade memory for compute (a reversible sequence, a trunk, a
+pyramid) has a ``backprop`` mode:
+
+========== =============================================== ===============================
+mode       between forward and backward                    backward
+========== =============================================== ===============================
+autograd   every activation (the baseline)                 autograd
+checkpoint each unit's input (``torch.utils.checkpoint``)  re-run the unit, then autograd
+reversible a sequence's outputs only                       rebuild inputs from outputs
+========== =============================================== ===============================
+
+All three give the same gradients. :class:`BackpropModule` names the contract: a checked
+``backprop`` property, and :meth:`BackpropModule.recomputes`, the one rule for when a mode
+other than autograd changes anything (training, with grad enabled). ``set_backprop`` and the
+DDP guard find these modules by type.
+"""
+
+import torch
+from torch import nn
+
+__all__ = ["BACKPROP_MODES", "BackpropModule", "check_backprop"]
+
+BACKPROP_MODES = ("reversible", "autograd", "checkpoint")
+
+
+def check_backprop(mode: str, key: str = "backprop") -> str:
+    """Return ``mode`` if it is a backprop mode; otherwise raise naming ``key`` (an argument or
+    a config key such as ``MODEL.REV.BACKPROP``) and the valid modes."""
+    if mode not in BACKPROP_MODES:
+        raise ValueError(f"{key} = {mode!r} is not valid; choose one of {BACKPROP_MODES}.")
+    return mode
+
+
+class BackpropModule(nn.Module):
+    """A module whose backward follows a backprop mode (see the module docstring).
+
+    Subclasses set ``self.backprop`` in their constructor (checked on every assignment); one
+    that follows another module's mode overrides the property.
+    """
+
+    @property
+    def backprop(self) -> str:
+        return self._backprop
+
+    @backprop.setter
+    def backprop(self, mode: str):
+        self._backprop = check_backprop(mode)
+
+    def recomputes(self) -> bool:
+        """Whether this forward should store less than autograd would: a mode other than
+        "autograd", in training, with grad enabled (otherwise nothing is kept for backward)."""
+        return self.backprop != "autograd" and self.training and torch.is_grad_enabled()
