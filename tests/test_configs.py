@@ -9,7 +9,6 @@ from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
-from test_engine import rel_err
 
 import rev_det
 from rev_det.modeling import set_backprop

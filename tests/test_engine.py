@@ -197,7 +197,7 @@ def test_shape_changing_block_is_rejected_at_first_run():
 def test_bad_blocks_and_modes_are_rejected():
     with pytest.raises(TypeError, match="not a ReversibleBlock"):
         ReversibleSequence([Block(), nn.Linear(16, 16)])
-    with pytest.raises(ValueError, match="valid modes"):
+    with pytest.raises(ValueError, match=r"backprop = .revesible. is not valid; choose one of"):
         ReversibleSequence([Block()], backprop="revesible")
 
 

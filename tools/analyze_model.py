@@ -43,7 +43,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import detectron2
 import torch
-from benchmark import git_commit, machine  # tools/benchmark.py, beside this script
 from detectron2.config import get_cfg
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.modeling import build_model
@@ -54,6 +53,7 @@ from torch import nn
 import rev_det
 from rev_det.modeling import RevMViT, RevViT
 from rev_det.modeling.rev_vit import Attention
+from rev_det.utils import git_commit, machine
 
 try:
     from detectron2.utils.analysis import FlopCountAnalysis
@@ -276,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "machine": machine(),
         "torch": torch.__version__,
         "detectron2": detectron2.__version__,
-        "commit": git_commit(),
+        "commit": git_commit(ROOT),
         "command": " ".join(
             ["python", "tools/analyze_model.py"] + (argv if argv is not None else sys.argv[1:])
         ),

@@ -70,10 +70,8 @@ Examples::
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from functools import partial
@@ -95,7 +93,7 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import rev_det  # noqa: E402
 from rev_det.modeling import RevViT  # noqa: E402
-from rev_det.utils import MemoryTracker, MiB  # noqa: E402
+from rev_det.utils import MemoryTracker, MiB, git_commit, machine  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONES = {
@@ -1016,27 +1014,6 @@ def write_report(args, results) -> str:
 # Command line
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"GPU: {torch.cuda.get_device_name()}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"CPU: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def git_commit() -> str:
-    """The checkout's commit ("-dirty" with uncommitted changes), or "unknown"."""
-    try:
-        cmd = ["git", "-C", ROOT, "describe", "--always", "--dirty"]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1181,8 +1158,10 @@ def main(argv=None):
     results = {
         "machine": machine(),
         "torch": torch.__version__,
-        "detectron2": detectron2.__version__,
-        "commit": git_commit(),
+        # Main still calls itself 0.6; ViTDet's ViT tells the two apart.
+        "detectron2": detectron2.__version__
+        + (" (main)" if hasattr(detectron2.modeling, "ViT") else " (v0.6)"),
+        "commit": git_commit(ROOT),
         "command": " ".join(
             ["python", "tools/benchmark.py"] + (argv if argv is not None else sys.argv[1:])
         ),

@@ -18,7 +18,6 @@ It takes one ``make demo`` training per run (4 runs with two seeds); it is not p
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from detectron2.modeling import build_model
 
 import rev_det
 from rev_det.data import prepare_datasets
-from rev_det.utils import MiB, training_step_peak
+from rev_det.utils import MiB, machine, training_step_peak
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
@@ -131,9 +130,8 @@ def main(argv=None):
         for seed in args.seeds
         for backprop, pyramid in VARIANTS
     ]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"config": args.config_file, "machine": machine, "runs": runs}, f, indent=1)
+        json.dump({"config": args.config_file, "machine": machine(), "runs": runs}, f, indent=1)
     text = table(runs)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 
@@ -35,6 +34,7 @@ from rev_det.pretrain import (
     export_trunk,
     pretrain,
 )
+from rev_det.utils import machine
 
 logger = logging.getLogger("rev_det.pretrain_trunk")
 
@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
             "final_loss": result["loss"],
             "final_object_accuracy": result["accuracy"],
             "seconds_this_run": round(result["seconds"], 1),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "machine": machine(),
             "torch": str(torch.__version__),
             "date": time.strftime("%Y-%m-%d"),
         }

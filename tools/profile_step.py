@@ -36,6 +36,8 @@ import torch
 from detectron2.modeling import build_model
 from torch.profiler import ProfilerActivity, profile
 
+from rev_det.utils import git_commit, machine
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402
 
@@ -185,8 +187,7 @@ def report(args, rows: List[dict]) -> str:
         f"# Profile of one training step: {args.backbone}, {args.size}x{args.size}, "
         f"batch {args.batch}, fp32",
         "",
-        f"- machine: {benchmark.machine()}; torch {torch.__version__}; rev_det "
-        f"{benchmark.git_commit()}",
+        f"- machine: {machine()}; torch {torch.__version__}; rev_det {git_commit(benchmark.ROOT)}",
         f"- command: `python tools/profile_step.py {' '.join(sys.argv[1:])}`",
         "",
         f"## Components (seconds, median of {args.repeats} interleaved runs after a warm-up)",

@@ -34,7 +34,8 @@ class FixedStreams(TwoStreamTrunk):
         return self.x1, self.x2
 
     def fuse(self, x1, x2):
-        return self.norm(torch.cat([x1, x2], 1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = self.norm(torch.cat([x1, x2], 1).permute(0, 2, 3, 1))
+        return x.permute(0, 3, 1, 2).contiguous()  # as RevViT.fuse
 
     def output_shape(self):
         return {"last_feat": ShapeSpec(channels=2 * self.x1.shape[1], stride=16)}

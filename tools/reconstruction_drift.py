@@ -36,11 +36,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from benchmark import machine  # noqa: E402  (tools/benchmark.py, beside this script)
 
 from rev_det.modeling.attention import resize_abs_pos  # noqa: E402
 from rev_det.modeling.rev_vit import RevViT  # noqa: E402
 from rev_det.reversible import measure_reconstruction  # noqa: E402
+from rev_det.utils import machine  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

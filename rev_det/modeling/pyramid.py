@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.layers import Conv2d
 from detectron2.modeling import Backbone
 from torch import nn
 from torch.utils.checkpoint import checkpoint

@@ -291,7 +291,8 @@ class RevViT(TwoStreamTrunk):
     def fuse(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Concatenate the (B, C, h, w) streams and LayerNorm the 2C channels."""
         x = torch.cat([x1, x2], dim=1).permute(0, 2, 3, 1)
-        return self.norm(x).permute(0, 3, 1, 2)
+        # Contiguous (N, C, H, W) for the pyramid's convolutions (see LayerNorm2d).
+        return self.norm(x).permute(0, 3, 1, 2).contiguous()
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {

@@ -1,4 +1,4 @@
-from .env import detectron2_has_compiled_ops
+from .env import detectron2_has_compiled_ops, git_commit, machine
 from .files import sha256_file
 from .memory import MemoryTracker, MiB, training_step_peak
 
@@ -6,6 +6,8 @@ __all__ = [
     "MemoryTracker",
     "MiB",
     "detectron2_has_compiled_ops",
+    "git_commit",
+    "machine",
     "sha256_file",
     "training_step_peak",
 ]
