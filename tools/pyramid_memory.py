@@ -2,7 +2,8 @@
 """Memory of the pyramid adapters alone on a ViT trunk's output (exact tracker, CPU).
 
 Feeds fixed two-stream trunk outputs (created before measuring, so they are not counted) to
-ViTDet's SimpleFeaturePyramid (on the fused 2C map) and to ReversibleFeaturePyramid, and
+the simple pyramid (ViTDet's, from the stream width C, as ``MODEL.REV.PYRAMID "simple"``
+builds it) and to ReversibleFeaturePyramid, and
 reports what each keeps between forward and backward ("stored") and the peak of forward +
 backward, with frozen weights (parameter gradients excluded).
 
@@ -62,7 +63,7 @@ def main():
     common = dict(out_channels=args.out_channels, top_block=LastLevelMaxPool(), norm="LN")
     rows = {
         "SimpleFeaturePyramid (autograd)": measure(
-            SimpleFeaturePyramid(FixedStreams(x1, x2, "autograd"), **common)
+            SimpleFeaturePyramid(FixedStreams(x1, x2, "autograd"), width=args.dim, **common)
         ),
         "ReversibleFeaturePyramid (autograd)": measure(
             ReversibleFeaturePyramid(FixedStreams(x1, x2, "autograd"), **common)
