@@ -153,7 +153,7 @@ def _check_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
                 f"{type(optimizer).__name__}: Detectron2's stock DefaultTrainer builds SGD "
                 "whatever SOLVER.OPTIMIZER says. Give your trainer rev_det's builder: "
                 "`@classmethod def build_optimizer(cls, cfg, model): return "
-                "rev_det.solver.build_optimizer(cfg, model)` (README, 'Detectron2 versions'); "
+                "rev_det.solver.build_optimizer(cfg, model)` (docs/projects.md, 'Detectron2 versions'); "
                 'or set SOLVER.OPTIMIZER "SGD" to train with SGD.'
             )
     _CHECKED.add(optimizer)

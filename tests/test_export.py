@@ -64,7 +64,7 @@ def test_backbone_onnx_matches_eager(kind, tmp_path):
     names = list(backbone.output_shape())
     path = str(tmp_path / "backbone.onnx")
     # Exported under no_grad: with parameters that require grad, the ONNX decomposition of
-    # attention with an explicit bias mask breaks (see the README's export section).
+    # attention with an explicit bias mask breaks (see docs/export.md).
     with torch.no_grad():
         program = torch.onnx.export(
             backbone, (exported_on,), dynamo=True, input_names=["image"], output_names=names

@@ -40,7 +40,7 @@ def tiny_shapes(shapes_registered, monkeypatch):
 
 
 class RevDetTrainer(DefaultTrainer):
-    """What README's "Detectron2 versions" section adds to a project's train_net.py."""
+    """What the "Detectron2 versions" section of docs/projects.md adds to a project's train_net.py."""
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -142,7 +142,7 @@ def test_demo_reversible_and_autograd_losses_agree_for_20_iterations():
     Run in float64: in float32 the two agree to ~1e-7 until a rounding-level difference flips
     a discrete choice of Mask R-CNN (top-k proposals, NMS, ROI sampling), after which any two
     runs part by >1e-3. Autograd against itself with weights perturbed by 1e-7 (relative) does
-    the same from the 4th iteration (measured, see README "Demo equivalence"), so the 1e-3
+    the same from the 4th iteration (measured, see docs/demo.md, "Demo equivalence"), so the 1e-3
     criterion over 20 iterations is only meaningful where rounding is far below it.
     """
     autograd, reversible = demo_losses(DEMO_YAML, ("autograd", "reversible"), 20, torch.float64)

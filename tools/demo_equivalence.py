@@ -8,7 +8,7 @@ multiplies the weights of every mode after the first by ``1 + eps * N(0, 1)``: t
 control that shows how far two runs part from rounding alone. ``--dtype float64`` trains in
 double precision, where rounding is ~1e-16.
 
-Example (the measurement quoted in README "Demo equivalence")::
+Example (the measurement quoted in docs/demo.md, "Demo equivalence")::
 
     python tools/demo_equivalence.py --iterations 20 --dtype float64
     python tools/demo_equivalence.py --iterations 20 --modes autograd reversible checkpoint

@@ -8,7 +8,7 @@ tracker, as ``tools/demo_report.py``). Writes ``results.json`` and ``results.md`
 the mean and spread over seeds) into ``--out``. A run whose ``metrics.json`` already holds the
 final AP is not trained again, so an interrupted comparison continues where it stopped.
 
-Example (README "Accuracy parity")::
+Example (docs/demo.md)::
 
     python tools/demo_parity.py --seeds 42 43 --out benchmarks/demo_parity
 
