@@ -53,7 +53,7 @@ from torch import nn
 import rev_det
 from rev_det.modeling import RevMViT, RevViT
 from rev_det.modeling.rev_vit import Attention
-from rev_det.utils import git_commit, machine
+from rev_det.utils import git_commit, machine, write_results
 
 try:
     from detectron2.utils.analysis import FlopCountAnalysis
@@ -286,12 +286,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         run = analyze(path, args.opts, not args.params_only, args.trunk_size)
         print(json.dumps(run), flush=True)
         results["runs"].append(run)
-    os.makedirs(args.out, exist_ok=True)
     text = render(results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(args.out, text, results)
     print(text)
     return results
 

@@ -68,7 +68,6 @@ Examples::
 """
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -92,8 +91,8 @@ from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import rev_det  # noqa: E402
-from rev_det.modeling import RevViT  # noqa: E402
-from rev_det.utils import MemoryTracker, MiB, git_commit, machine  # noqa: E402
+from rev_det.modeling import RevViT, vit_trunk_args  # noqa: E402
+from rev_det.utils import MemoryTracker, MiB, git_commit, machine, write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONES = {
@@ -655,24 +654,7 @@ def vitdet_backbone(cfg, act_checkpoint: bool, size: int) -> Optional[nn.Module]
         return None
     from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-    c = cfg.MODEL.REVVIT
-    net = ViT(
-        img_size=c.IMG_SIZE,
-        patch_size=c.PATCH_SIZE,
-        embed_dim=c.EMBED_DIM,
-        depth=c.DEPTH,
-        num_heads=c.NUM_HEADS,
-        mlp_ratio=c.MLP_RATIO,
-        qkv_bias=c.QKV_BIAS,
-        drop_path_rate=c.DROP_PATH_RATE,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        use_abs_pos=c.USE_ABS_POS,
-        use_rel_pos=c.USE_REL_POS,
-        window_size=c.WINDOW_SIZE,
-        window_block_indexes=list(c.WINDOW_BLOCK_INDEXES),
-        pretrain_img_size=c.PRETRAIN_IMG_SIZE,
-        pretrain_use_cls_token=c.PRETRAIN_USE_CLS_TOKEN,
-    )
+    net = ViT(norm_layer=partial(nn.LayerNorm, eps=1e-6), **vit_trunk_args(cfg))
     if act_checkpoint:
         net.blocks = nn.ModuleList(_Checkpointed(block) for block in net.blocks)
     return SimpleFeaturePyramid(
@@ -1003,10 +985,7 @@ def write_report(args, results) -> str:
         if name in results:
             md += reports[name](args, results)
     text = "\n".join(md)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(args.out, text, results)
     return text
 
 

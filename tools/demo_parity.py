@@ -30,7 +30,7 @@ from detectron2.modeling import build_model
 
 import rev_det
 from rev_det.data import prepare_datasets
-from rev_det.utils import MiB, machine, training_step_peak
+from rev_det.utils import MiB, machine, training_step_peak, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
@@ -130,11 +130,10 @@ def main(argv=None):
         for seed in args.seeds
         for backprop, pyramid in VARIANTS
     ]
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"config": args.config_file, "machine": machine(), "runs": runs}, f, indent=1)
     text = table(runs)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
+    write_results(
+        args.out, text + "\n", {"config": args.config_file, "machine": machine(), "runs": runs}
+    )
     print(text)
     return runs
 

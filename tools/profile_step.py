@@ -36,7 +36,7 @@ import torch
 from detectron2.modeling import build_model
 from torch.profiler import ProfilerActivity, profile
 
-from rev_det.utils import git_commit, machine
+from rev_det.utils import git_commit, machine, write_results
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402
@@ -100,7 +100,7 @@ def category(name: str, shapes, window_tokens: int) -> str:
         return "norm"
     if name in _MOVEMENT:
         return "data movement"
-    if name in _ELEMENTWISE or name.rstrip("_") in _ELEMENTWISE:
+    if name in _ELEMENTWISE:
         return "element-wise"
     return "other"
 
@@ -254,12 +254,8 @@ def main(argv=None):
         print(f"profiling {backprop} + {pyramid} at {args.size}", flush=True)
         rows.append(profile_mode(args, det, backprop, pyramid))
         print(json.dumps(rows[-1]["components"]), flush=True)
-    os.makedirs(args.out, exist_ok=True)
     text = report(args, rows)
-    with open(os.path.join(args.out, "profile.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "profile.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_results(args.out, text, rows, name="profile")
     print(text)
     return rows
 

@@ -26,7 +26,6 @@ Example::
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 from rev_det.modeling.attention import resize_abs_pos  # noqa: E402
 from rev_det.modeling.rev_vit import RevViT  # noqa: E402
 from rev_det.reversible import measure_reconstruction  # noqa: E402
-from rev_det.utils import machine  # noqa: E402
+from rev_det.utils import machine, write_results  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -198,12 +197,8 @@ def main(argv=None):
         seconds=time.time() - start,
         args=vars(args),
     )
-    os.makedirs(args.out, exist_ok=True)
     text = report(args, results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(args.out, text, results)
     plot(args, results, os.path.join(args.out, "drift.png"))
     print(text)
 

@@ -1,6 +1,12 @@
 """rev_det's models. Importing this module registers the backbones in BACKBONE_REGISTRY."""
 
-from .backbone import build_pyramid, build_rev_mvit_backbone, build_rev_vit_backbone, set_backprop
+from .backbone import (
+    build_pyramid,
+    build_rev_mvit_backbone,
+    build_rev_vit_backbone,
+    set_backprop,
+    vit_trunk_args,
+)
 from .fpn import RecomputedFPN
 from .layers import LayerNorm2d, get_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
@@ -23,4 +29,5 @@ __all__ = [
     "build_rev_mvit_backbone",
     "build_pyramid",
     "set_backprop",
+    "vit_trunk_args",
 ]

@@ -15,7 +15,13 @@ from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
 from .rev_mvit import RevMViT
 from .rev_vit import RevViT
 
-__all__ = ["build_rev_vit_backbone", "build_rev_mvit_backbone", "build_pyramid", "set_backprop"]
+__all__ = [
+    "build_rev_vit_backbone",
+    "build_rev_mvit_backbone",
+    "build_pyramid",
+    "set_backprop",
+    "vit_trunk_args",
+]
 
 
 def build_pyramid(cfg, net: Backbone) -> Backbone:
@@ -81,15 +87,13 @@ def set_backprop(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-@BACKBONE_REGISTRY.register()
-def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """RevViT + pyramid adapter (p2-p6) from ``cfg.MODEL.REVVIT`` and ``cfg.MODEL.REV``."""
-    _check_input_format(cfg, input_shape.channels)
+def vit_trunk_args(cfg) -> dict:
+    """The arguments ``cfg.MODEL.REVVIT`` gives a ViT-shaped trunk: RevViT's, and those of
+    Detectron2's own ``ViT`` that share its names (the benchmarks build ViTDet from them)."""
     c = cfg.MODEL.REVVIT
-    net = RevViT(
+    return dict(
         img_size=c.IMG_SIZE,
         patch_size=c.PATCH_SIZE,
-        in_chans=input_shape.channels,
         embed_dim=c.EMBED_DIM,
         depth=c.DEPTH,
         num_heads=c.NUM_HEADS,
@@ -102,6 +106,16 @@ def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         window_block_indexes=tuple(c.WINDOW_BLOCK_INDEXES),
         pretrain_img_size=c.PRETRAIN_IMG_SIZE,
         pretrain_use_cls_token=c.PRETRAIN_USE_CLS_TOKEN,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """RevViT + pyramid adapter (p2-p6) from ``cfg.MODEL.REVVIT`` and ``cfg.MODEL.REV``."""
+    _check_input_format(cfg, input_shape.channels)
+    net = RevViT(
+        in_chans=input_shape.channels,
+        **vit_trunk_args(cfg),
         backprop=check_backprop(cfg.MODEL.REV.BACKPROP, "MODEL.REV.BACKPROP"),
         parallel_backward=cfg.MODEL.REV.PARALLEL_BACKWARD,
     )
