@@ -60,6 +60,10 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REVVIT.WINDOW_BLOCK_INDEXES = [0, 1, 3, 4, 6, 7, 9, 10]
     _c.MODEL.REVVIT.PRETRAIN_IMG_SIZE = 224
     _c.MODEL.REVVIT.PRETRAIN_USE_CLS_TOKEN = True
+    # A convolutional stem before the patch projection (rev_det.modeling.PatchEmbed): channels of
+    # each 3x3 stride-2 convolution, [] for ViT's patch embedding; its norm ("BN", "GN", "LN"..).
+    _c.MODEL.REVVIT.STEM_CHANNELS = []
+    _c.MODEL.REVVIT.STEM_NORM = "BN"
 
     _c.MODEL.REVMVIT = CN()
     _c.MODEL.REVMVIT.IMG_SIZE = 224  # the relative position tables' size (MViTv2 ImageNet)

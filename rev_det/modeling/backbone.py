@@ -116,6 +116,8 @@ def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     net = RevViT(
         in_chans=input_shape.channels,
         **vit_trunk_args(cfg),
+        stem_channels=tuple(cfg.MODEL.REVVIT.STEM_CHANNELS),
+        stem_norm=cfg.MODEL.REVVIT.STEM_NORM,
         backprop=check_backprop(cfg.MODEL.REV.BACKPROP, "MODEL.REV.BACKPROP"),
         parallel_backward=cfg.MODEL.REV.PARALLEL_BACKWARD,
     )
