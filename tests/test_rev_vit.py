@@ -28,8 +28,10 @@ def tiny_rev_vit(depth=4, dim=32, heads=2, **kw):
     return RevViT(**args)
 
 
-def test_gradients_equal_across_backprop_modes_float64():
-    model = tiny_rev_vit().double().train()
+# With a convolutional stem (batch-normalised, in training mode) before the reversible blocks.
+@pytest.mark.parametrize("stem", [{}, {"stem_channels": (4, 8), "stem_norm": "BN"}], ids=str)
+def test_gradients_equal_across_backprop_modes_float64(stem):
+    model = tiny_rev_vit(**stem).double().train()
     for p in model.parameters():  # zero-initialised tables would make their test vacuous
         nn.init.normal_(p, std=0.05) if p.dim() == 2 and p.shape[0] != 1 else None
     x = torch.randn(2, 3, 80, 112, dtype=torch.float64, requires_grad=True)
@@ -131,6 +133,22 @@ def test_mae_checkpoint_loads_by_detectron2_name_matching(tmp_path):
             assert torch.equal(p, sd[f"blocks.{name}"]), name
     assert torch.equal(net.patch_embed.proj.weight, sd["patch_embed.proj.weight"])
     assert torch.equal(net.pos_embed, sd["pos_embed"])
+
+
+def test_conv_stem_keeps_the_token_grid_and_plain_checkpoints():
+    plain, stem = tiny_rev_vit(), tiny_rev_vit(stem_channels=(4, 8, 16))
+    # The plain embedding has the parameters ViT checkpoints carry, and no others.
+    assert [n for n in plain.state_dict() if n.startswith("patch_embed.")] == [
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+    ]
+    # Three stride-2 convolutions leave stride 2 to the projection.
+    assert stem.patch_embed.proj.kernel_size == (2, 2)
+    assert isinstance(stem.patch_embed.stem[1], nn.BatchNorm2d)
+    x = torch.randn(2, 3, 64, 96)
+    assert stem(x)["last_feat"].shape == plain(x)["last_feat"].shape == (2, 64, 4, 6)
+    with pytest.raises(ValueError, match=r"does not divide the patch size 16; use at most 4"):
+        tiny_rev_vit(stem_channels=(4, 4, 4, 4, 4))
 
 
 def test_bad_inputs_and_arguments_are_named():
