@@ -64,9 +64,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling.attention import resize_abs_pos
-from .modeling.rev_mvit import RevMViT, StageTransitionBlock
-from .modeling.rev_vit import RevViT
+from ..modeling.attention import resize_abs_pos
+from ..modeling.rev_mvit import RevMViT, StageTransitionBlock
+from ..modeling.rev_vit import RevViT
 
 __all__ = [
     "SOURCES",
@@ -752,7 +752,7 @@ def load_checkpoint_file(path: str, trust_pickle: bool = False) -> Dict[str, tor
     """
     from detectron2.utils.file_io import PathManager
 
-    from .checks import checkpoint_file_problem
+    from ..checks import checkpoint_file_problem
 
     path = PathManager.get_local_path(path)
     problem = checkpoint_file_problem(path)
@@ -793,8 +793,8 @@ def build_target_trunk(config_file: str, opts: Sequence[str] = ()) -> Tuple[nn.M
     from detectron2.config import LazyConfig, get_cfg, instantiate
     from detectron2.modeling import build_backbone
 
-    from .checks import check_lazy_overrides
-    from .config import add_revdet_config
+    from ..checks import check_lazy_overrides
+    from ..config import add_revdet_config
 
     with torch.device("meta"):
         if config_file.endswith(".py"):
@@ -838,7 +838,7 @@ def save_detectron2_checkpoint(conversion: Conversion, prefix: str, path: str):
             f"{path}: Detectron2 reads .pkl files as Caffe2/Detectron1 and .pyth files as pycls "
             "checkpoints; name the output .pth."
         )
-    from .checkpoint import atomic_open
+    from ..checkpoint import atomic_open
 
     model = {prefix + k: v for k, v in conversion.state_dict.items()}
     data = {
