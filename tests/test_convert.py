@@ -692,8 +692,11 @@ def test_cli_refuses_partial_conversions(tmp_path):
         cwd=ROOT,
     )
     assert run.returncode == 1, run.stderr
-    assert "[fusion_norm]" in run.stdout and "[rel_pos]" in run.stdout
-    assert "PARTIAL: groups fusion_norm" in run.stdout and "initialisation" in run.stdout
+    # The demo trunk's convolutional stem replaces the ViT's patch projection.
+    assert (
+        "[conv_stem]" in run.stdout and "[fusion_norm]" in run.stdout and "[rel_pos]" in run.stdout
+    )
+    assert "PARTIAL: groups conv_stem, fusion_norm" in run.stdout and "initialisation" in run.stdout
     assert "pos_embed resized (bicubic) from the source's 14x14" in run.stdout
     assert not output.exists()
 
@@ -711,7 +714,10 @@ def test_cli_output_loads_with_detection_checkpointer(tmp_path, config):
     source, output = tmp_path / "mae.pth", tmp_path / "out.pth"
     demo_vit_checkpoint(source)
     args = ["--source", "vit", "--input", str(source), "--output", str(output)]
-    assert main([*args, "--config-file", config, "--allow-partial", "fusion_norm,rel_pos"]) == 0
+    assert (
+        main([*args, "--config-file", config, "--allow-partial", "conv_stem,fusion_norm,rel_pos"])
+        == 0
+    )
 
     if config.endswith(".py"):
         model = instantiate(LazyConfig.load(config).model)

@@ -62,6 +62,8 @@ PARTIAL_GROUPS = {
     "skip_proj": "the skip-path projection of transition blocks (MViTv2 blocks.N.proj, "
     "PySlowFast res_proj); rev_det's transition skip needs none",
     "stem_norm": "a LayerNorm after the patch embedding, which rev_det does not have",
+    "conv_stem": "rev_det's convolutional stem (MODEL.REVVIT.STEM_CHANNELS), which replaces the "
+    "source's patch projection; it starts from its initialisation",
     "temporal": "video-only temporal position tables",
     "other": "parameters on one side only: check that the config matches the checkpoint "
     "(e.g. QKV_BIAS, OUT_FEATURES)",
@@ -236,6 +238,12 @@ class KeyMapping:
         transitions = transition_indexes(target)
         state, matched, missing, errors = {}, {}, {}, []
         proposed = dict(self.proposed)
+        if any(k.startswith("patch_embed.stem.") for k in shapes):
+            # A convolutional stem replaces the patch projection: the source's patch_embed.proj
+            # is a different layer (p x p from the image), not a mis-sized one.
+            for key in [k for k in proposed if k.startswith("patch_embed.")]:
+                for source_key in proposed.pop(key)[1]:
+                    self.dropped[source_key] = "conv_stem"
         resized_rel_pos = []
         for key, shape in shapes.items():
             if key not in proposed:
@@ -335,6 +343,8 @@ def _missing_group(key: str, transitions: Sequence[int]) -> str:
     group = _extra_group(key)
     if group != "other":
         return group
+    if key.startswith("patch_embed."):  # only a convolutional stem leaves these unfilled
+        return "conv_stem"
     if key.startswith("norm."):
         return "fusion_norm"
     match = re.match(r"blocks\.(\d+)\.(.*)", key)
