@@ -144,8 +144,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if self.strict_load:
             keys = self.model.state_dict()
             required = tuple(p for p in _TRUNK_PREFIXES if any(k.startswith(p) for k in keys))
+            # A batch norm's step counter is not a weight (pretrained trunks ship without it).
             absent = [
-                key for key in missing + reshaped if key.startswith(required or _BACKBONE_PREFIX)
+                key
+                for key in missing + reshaped
+                if key.startswith(required or _BACKBONE_PREFIX)
+                and not key.endswith("num_batches_tracked")
             ]
             if absent:
                 listed = ", ".join(absent[:10]) + (", ..." if len(absent) > 10 else "")

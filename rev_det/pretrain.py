@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.data import detection_utils
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.solver.build import get_default_optimizer_params
 from PIL import Image
 from torch import nn
@@ -47,6 +48,7 @@ __all__ = [
     "detector_trunk",
     "export_trunk",
     "pretrain",
+    "trainable_norms",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,6 +204,21 @@ def detector_trunk(backbone: nn.Module) -> Tuple[str, nn.Module]:
         f"{type(backbone).__name__} has neither a 'net' (rev_det's pyramids) nor a 'bottom_up' "
         "(Detectron2's FPN) trunk to pretrain; use a config with a rev_det backbone."
     )
+
+
+def trainable_norms(module: nn.Module) -> nn.Module:
+    """Replace every ``FrozenBatchNorm2d`` in ``module`` by a ``BatchNorm2d`` of the same size.
+
+    A detector freezes the batch norms of its pretrained trunk (as Detectron2 freezes a pretrained
+    ResNet's), but a trunk pretrained from scratch must learn them. The names and tensors are the
+    same, so the pretrained weights load back into the frozen layers. Returns ``module``, or the
+    replacement if ``module`` itself is frozen.
+    """
+    if isinstance(module, FrozenBatchNorm2d):
+        return nn.BatchNorm2d(module.num_features, eps=module.eps)
+    for name, child in module.named_children():
+        setattr(module, name, trainable_norms(child))
+    return module
 
 
 def _deepest_feature(trunk: nn.Module) -> Tuple[str, int, int]:
@@ -414,9 +431,12 @@ def export_trunk(
     weight is then required). ``half`` stores float16 (half the size; loaded into a float32
     model the weights are exact float16 values).
     """
+    # Batch norms' step counters are not weights (with a momentum they are unused) and a frozen
+    # batch norm, as a detector holds its trunk's, has none.
     weights = {
         f"{prefix}.{name}": (t.half() if half and t.is_floating_point() else t).clone()
         for name, t in trunk.state_dict().items()
+        if not name.endswith("num_batches_tracked")
     }
     with atomic_open(path) as f:
         torch.save({"model": weights, "rev_det": provenance or {}}, f)

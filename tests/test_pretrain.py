@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
 import rev_det
@@ -170,6 +171,9 @@ def test_pretrain_tool_exports_a_trunk_that_loads_strictly_into_the_detector(tmp
     AtomicCheckpointer(model, strict_load=True).load(export)
     trunk = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.net.")}
     assert trunk.keys() == saved["model"].keys()
+    # The stem's batch norms were learnt (trainable in pretraining) and are frozen in the detector.
+    assert isinstance(model.backbone.net.patch_embed.stem[1], FrozenBatchNorm2d)
+    assert not torch.equal(model.backbone.net.patch_embed.stem[1].running_var, torch.ones(24))
     for key, value in trunk.items():
         assert torch.equal(value, saved["model"][key].to(value.dtype)), key
 

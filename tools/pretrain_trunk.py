@@ -33,6 +33,7 @@ from rev_det.pretrain import (
     detector_trunk,
     export_trunk,
     pretrain,
+    trainable_norms,
 )
 from rev_det.utils import machine
 
@@ -81,6 +82,7 @@ def main(argv=None) -> dict:
     )
     torch.manual_seed(schedule.seed)
     prefix, trunk = detector_trunk(build_backbone(cfg))
+    trunk = trainable_norms(trunk)  # the detector freezes them; pretraining learns them
     logger.info(
         "Pretraining %s (%s, backprop %s, %.2fM parameters): %s",
         prefix,

@@ -23,6 +23,7 @@ model.backbone = L(ReversibleFeaturePyramid)(
         window_size=8,
         window_block_indexes=[0, 1, 3, 4],  # global attention in 2 and 5
         stem_channels=[24, 48, 96, 192],  # a convolutional stem, as in the yaml
+        stem_norm="FrozenBN",
         use_abs_pos=True,
         use_rel_pos=True,
         pretrain_img_size=256,
