@@ -89,7 +89,8 @@ def test_a_two_stream_trunk_fuses_its_streams_in_forward():
 
 
 def _rev_det_imports(path):
-    """The rev_det modules a file imports (absolute names; relative imports resolved)."""
+    """The rev_det modules a file imports (absolute names; relative imports resolved), and for
+    ``from a import b`` also ``a.b``, which may be a module."""
     import ast
     import os
 
@@ -104,6 +105,7 @@ def _rev_det_imports(path):
             else:
                 module = node.module or ""
             names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
     return {n for n in names if n.startswith("rev_det") or n.startswith("detectron2")}
@@ -130,4 +132,21 @@ def test_layers_import_only_from_below(layer):
             allowed = ("rev_det.modeling", "rev_det.reversible", "detectron2.layers")
             allowed += ("detectron2.modeling",)
             bad = {n for n in imports if not n.startswith(allowed)}
+        assert not bad, f"{os.path.relpath(path, root)} imports {sorted(bad)}"
+
+
+def test_only_entry_points_import_the_wiring_of_the_runs():
+    """docs/architecture.md: rev_det.trainer wires the rest of the Detectron2 glue into the
+    entry points' runs; no other part of rev_det imports it, so the glue stays free of cycles
+    and the runs are the only place where the extras are put together."""
+    import glob
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = sorted(glob.glob(os.path.join(root, "rev_det", "**", "*.py"), recursive=True))
+    assert files
+    for path in files:
+        if os.path.relpath(path, root) == os.path.join("rev_det", "trainer.py"):
+            continue
+        bad = {n for n in _rev_det_imports(path) if n.startswith("rev_det.trainer")}
         assert not bad, f"{os.path.relpath(path, root)} imports {sorted(bad)}"

@@ -218,13 +218,12 @@ def test_reversible_owners_follow_the_nearest_backprop_setting():
 
 def test_entry_points_refuse_find_unused_parameters_at_start(one_process_group, tmp_path):
     """As with more than one GPU, where Detectron2's create_ddp_model wraps the model."""
-    import argparse
-
     from detectron2.config import LazyConfig
     from test_configs import yacs_cfg
     from test_resume import load_entry_point
     from test_train_net import DEMO_LAZY, DEMO_YAML, TINY_LAZY, TINY_YACS
 
+    import rev_det.trainer
     from rev_det.data import ensure_shapes_dataset
 
     ensure_shapes_dataset(os.environ.get("DETECTRON2_DATASETS", "datasets"))
@@ -237,14 +236,13 @@ def test_entry_points_refuse_find_unused_parameters_at_start(one_process_group, 
     ), pytest.raises(ValueError, match="find_unused_parameters=True"):
         train_net.Trainer(yacs_cfg(DEMO_YAML, *TINY_YACS, "OUTPUT_DIR", str(tmp_path)))
     # LazyConfig: train.ddp is passed to create_ddp_model, refused before the first step.
-    lazy = load_entry_point("lazyconfig_train_net")
     cfg = LazyConfig.apply_overrides(
         LazyConfig.load(DEMO_LAZY),
         TINY_LAZY + ["train.ddp.find_unused_parameters=True", f"train.output_dir={tmp_path}"],
     )
     with mock.patch.object(
-        lazy,
+        rev_det.trainer,
         "create_ddp_model",
         lambda model, fp16_compression, **kw: DistributedDataParallel(model, **kw),
     ), pytest.raises(ValueError, match="find_unused_parameters=True"):
-        lazy.do_train(argparse.Namespace(resume=False), cfg)
+        rev_det.trainer.train_lazy(cfg)
