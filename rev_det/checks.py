@@ -39,6 +39,7 @@ import zipfile
 from collections import Counter
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+from detectron2.layers import ShapeSpec
 from detectron2.structures import BoxMode
 
 __all__ = [
@@ -208,8 +209,14 @@ def _check_num_classes_setting(names: SettingNames, num_classes) -> None:
 
 def check_yacs_config(cfg) -> None:
     """Check a merged yacs config before anything is built or written (raises ValueError)."""
+    from .modeling.rev_mvit import RevMViT
+    from .modeling.rev_vit import RevViT
+
+    trunk = {"build_rev_vit_backbone": RevViT, "build_rev_mvit_backbone": RevMViT}.get(
+        cfg.MODEL.BACKBONE.NAME
+    )
     side = None
-    if cfg.MODEL.BACKBONE.NAME in ("build_rev_vit_backbone", "build_rev_mvit_backbone"):
+    if trunk is not None:
         from detectron2.data.detection_utils import build_augmentation
 
         sides = [largest_image_side(build_augmentation(cfg, train)) for train in (True, False)]
@@ -217,15 +224,13 @@ def check_yacs_config(cfg) -> None:
         if cfg.MODEL.REV.SQUARE_PAD > 0:
             side = max(side or 0, cfg.MODEL.REV.SQUARE_PAD)
     sizes = YACS.image_sizes + (f", {YACS.square_pad}" if cfg.MODEL.REV.SQUARE_PAD else "")
-    if cfg.MODEL.BACKBONE.NAME == "build_rev_vit_backbone":
-        c = cfg.MODEL.REVVIT
-        _check_trunk(
-            "RevViT", lambda k: c[k.upper()], lambda k: f"MODEL.REVVIT.{k.upper()}", side, sizes
-        )
-    elif cfg.MODEL.BACKBONE.NAME == "build_rev_mvit_backbone":
-        c = cfg.MODEL.REVMVIT
-        get = lambda k: (4, 4) if k == "patch_stride" else c[k.upper()]  # noqa: E731
-        _check_trunk("RevMViT", get, lambda k: f"MODEL.REVMVIT.{k.upper()}", side, sizes)
+    if trunk is not None:
+        # The arguments its builder gives the trunk (the named size's, or the size keys set),
+        # the constructor's defaults for the rest.
+        args = trunk.from_config(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        key = f"MODEL.{trunk.__name__.upper()}"
+        name = lambda k: f"{key}.{k.upper()}"  # noqa: E731
+        _check_trunk(trunk.__name__, _arg_getter(args, trunk), name, side, sizes)
     check = cfg.MODEL.REV.CHECK_RECONSTRUCTION
     _check_common(YACS, check.PERIOD, check.THRESHOLD, cfg.SOLVER.BASE_LR)
     if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":

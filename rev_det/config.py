@@ -2,10 +2,7 @@
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_revdet_config", "PYRAMIDS", "check_choice"]
-
-# RevViT (single scale): "reversible" or "simple"; RevMViT (multi-scale): "reversible" or "fpn".
-PYRAMIDS = ("reversible", "simple", "fpn")
+__all__ = ["add_revdet_config", "check_choice"]
 
 
 def add_revdet_config(cfg: CN) -> CN:
@@ -24,7 +21,8 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REV.BACKPROP = "reversible"
     # "reversible": rev_det's pyramid whose activations are rebuilt or recomputed in backward
     # (ReversibleFeaturePyramid for RevViT, RecomputedFPN for RevMViT); "simple": ViTDet's
-    # SimpleFeaturePyramid (RevViT); "fpn": Detectron2's FPN, stored activations (RevMViT).
+    # SimpleFeaturePyramid (RevViT); "fpn": Detectron2's FPN, stored activations (RevMViT). The
+    # table of these pairs is rev_det.modeling.PYRAMIDS.
     _c.MODEL.REV.PYRAMID = "reversible"
     # Coupling blocks per level of the reversible pyramid.
     _c.MODEL.REV.PYRAMID_BLOCKS = 2
@@ -46,18 +44,23 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REV.STRICT_LOAD = False
 
     _c.MODEL.REVVIT = CN()
+    # The trunk's size: a row of rev_det.modeling.REVVIT_SIZES ("B", "L", "H", ViTDet's), which
+    # gives the five size keys below. Those left None take the named size's values; those a
+    # config sets win over it (SIZE "L" with DROP_PATH_RATE 0.3 is ViT-L with drop path 0.3).
+    # "": no named size, every size key must be set (a custom size, as the demo configs).
+    _c.MODEL.REVVIT.SIZE = "B"
+    _c.MODEL.REVVIT.EMBED_DIM = None
+    _c.MODEL.REVVIT.DEPTH = None
+    _c.MODEL.REVVIT.NUM_HEADS = None
+    _c.MODEL.REVVIT.DROP_PATH_RATE = None
+    _c.MODEL.REVVIT.WINDOW_BLOCK_INDEXES = None
     _c.MODEL.REVVIT.IMG_SIZE = 1024
     _c.MODEL.REVVIT.PATCH_SIZE = 16
-    _c.MODEL.REVVIT.EMBED_DIM = 768
-    _c.MODEL.REVVIT.DEPTH = 12
-    _c.MODEL.REVVIT.NUM_HEADS = 12
     _c.MODEL.REVVIT.MLP_RATIO = 4.0
     _c.MODEL.REVVIT.QKV_BIAS = True
-    _c.MODEL.REVVIT.DROP_PATH_RATE = 0.1
     _c.MODEL.REVVIT.USE_ABS_POS = True
     _c.MODEL.REVVIT.USE_REL_POS = True
     _c.MODEL.REVVIT.WINDOW_SIZE = 14
-    _c.MODEL.REVVIT.WINDOW_BLOCK_INDEXES = [0, 1, 3, 4, 6, 7, 9, 10]
     _c.MODEL.REVVIT.PRETRAIN_IMG_SIZE = 224
     _c.MODEL.REVVIT.PRETRAIN_USE_CLS_TOKEN = True
     # A convolutional stem before the patch projection (rev_det.modeling.PatchEmbed): channels of
@@ -66,14 +69,17 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REVVIT.STEM_NORM = "BN"
 
     _c.MODEL.REVMVIT = CN()
+    # The trunk's size: a row of rev_det.modeling.REVMVIT_SIZES ("T", "S", "B", "L", MViTv2's),
+    # with the same rule for the size keys below as MODEL.REVVIT.SIZE.
+    _c.MODEL.REVMVIT.SIZE = "T"
+    _c.MODEL.REVMVIT.EMBED_DIM = None
+    _c.MODEL.REVMVIT.DEPTH = None
+    _c.MODEL.REVMVIT.NUM_HEADS = None
+    _c.MODEL.REVMVIT.LAST_BLOCK_INDEXES = None
+    _c.MODEL.REVMVIT.DROP_PATH_RATE = None
     _c.MODEL.REVMVIT.IMG_SIZE = 224  # the relative position tables' size (MViTv2 ImageNet)
-    _c.MODEL.REVMVIT.EMBED_DIM = 96
-    _c.MODEL.REVMVIT.DEPTH = 10
-    _c.MODEL.REVMVIT.NUM_HEADS = 1
-    _c.MODEL.REVMVIT.LAST_BLOCK_INDEXES = [0, 2, 7, 9]
     _c.MODEL.REVMVIT.MLP_RATIO = 4.0
     _c.MODEL.REVMVIT.QKV_BIAS = True
-    _c.MODEL.REVMVIT.DROP_PATH_RATE = 0.2
     _c.MODEL.REVMVIT.ADAPTIVE_KV_STRIDE = 4
     _c.MODEL.REVMVIT.ADAPTIVE_WINDOW_SIZE = 56
     _c.MODEL.REVMVIT.RESIDUAL_POOLING = True

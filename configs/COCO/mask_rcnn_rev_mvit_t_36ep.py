@@ -6,7 +6,7 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from rev_det.modeling import LayerNorm2d, RecomputedFPN, RevMViT
+from rev_det.modeling import REVMVIT_SIZES, LayerNorm2d, RecomputedFPN, RevMViT
 
 from ..common.data import dataloader
 from ..common.mask_rcnn import model
@@ -14,12 +14,8 @@ from ..common.optim import lr_multiplier, optimizer
 
 model.backbone = L(RecomputedFPN)(
     net=L(RevMViT)(
+        **REVMVIT_SIZES["T"],  # MViTv2-T: width, depth, heads, stage ends, drop path
         img_size=224,
-        embed_dim=96,
-        depth=10,
-        num_heads=1,
-        last_block_indexes=(0, 2, 7, 9),
-        drop_path_rate=0.2,
         residual_pooling=True,
         use_rel_pos=True,
         backprop="reversible",

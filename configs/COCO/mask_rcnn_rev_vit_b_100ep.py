@@ -6,7 +6,7 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from rev_det.modeling import ReversibleFeaturePyramid, RevViT
+from rev_det.modeling import REVVIT_SIZES, ReversibleFeaturePyramid, RevViT
 
 from ..common.data import dataloader
 from ..common.mask_rcnn import model
@@ -14,14 +14,10 @@ from ..common.optim import lr_multiplier, optimizer
 
 model.backbone = L(ReversibleFeaturePyramid)(
     net=L(RevViT)(
+        **REVVIT_SIZES["B"],  # ViTDet's ViT-B: width, depth, heads, drop path, window blocks
         img_size=1024,
         patch_size=16,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        drop_path_rate=0.1,
         window_size=14,
-        window_block_indexes=[0, 1, 3, 4, 6, 7, 9, 10],  # global attention in 2, 5, 8, 11
         use_abs_pos=True,
         use_rel_pos=True,
         pretrain_img_size=224,
@@ -55,6 +51,6 @@ train.output_dir = "output/mask_rcnn_rev_vit_b_100ep"
 optimizer.lr = 1e-4
 optimizer.weight_decay = 0.1
 optimizer.params.lr_decay_rate = 0.7
-optimizer.params.num_layers = 12
+optimizer.params.num_layers = REVVIT_SIZES["B"]["depth"]
 lr_multiplier.scheduler.milestones = [163889, 177546]  # 88.9% and 96.3%
 lr_multiplier.warmup_length = 250 / train.max_iter

@@ -1,18 +1,19 @@
 """rev_det's models. Importing this module registers the backbones in BACKBONE_REGISTRY."""
 
 from .backbone import (
+    PYRAMIDS,
     build_pyramid,
     build_rev_mvit_backbone,
     build_rev_vit_backbone,
     set_backprop,
-    vit_trunk_args,
 )
 from .fpn import RecomputedFPN
 from .layers import LayerNorm2d, get_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
 from .rev_mvit import REVMVIT_SIZES, RevMViT
-from .rev_vit import REVVIT_SIZES, RevViT
+from .rev_vit import REVVIT_SIZES, RevViT, vit_trunk_args
 from .trunk import TwoStreamTrunk
+from .trunk_args import backprop_args, size_args
 
 __all__ = [
     "RevViT",
@@ -28,6 +29,9 @@ __all__ = [
     "build_rev_vit_backbone",
     "build_rev_mvit_backbone",
     "build_pyramid",
+    "PYRAMIDS",
+    "size_args",
+    "backprop_args",
     "set_backprop",
     "vit_trunk_args",
 ]

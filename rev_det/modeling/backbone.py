@@ -1,12 +1,13 @@
 """Detectron2 builders for rev_det's backbones (registered in BACKBONE_REGISTRY)."""
 
+from typing import Callable, Dict, Tuple
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from PIL import Image
 from torch import nn
 
-from ..config import PYRAMIDS, check_choice
 from ..reversible import BackpropModule, check_backprop
 from ..solver import expect_optimizer
 from .fpn import RecomputedFPN
@@ -14,39 +15,101 @@ from .layers import resolve_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
 from .rev_mvit import RevMViT
 from .rev_vit import RevViT
+from .trunk import TwoStreamTrunk
 
 __all__ = [
     "build_rev_vit_backbone",
     "build_rev_mvit_backbone",
     "build_pyramid",
+    "PYRAMIDS",
     "set_backprop",
-    "vit_trunk_args",
 ]
 
 
-def build_pyramid(cfg, net: Backbone) -> Backbone:
-    """Wrap a single-scale reversible trunk in the pyramid that ``cfg.MODEL.REV.PYRAMID`` names.
+def _pyramid_args(cfg) -> dict:
+    """What every pyramid takes from ``cfg.MODEL.FPN``: its width and its p6."""
+    return dict(out_channels=cfg.MODEL.FPN.OUT_CHANNELS, top_block=LastLevelMaxPool())
 
-    The pyramids' default levels are p2-p5 (strides 4-32) whatever the trunk's stride (its patch
-    size); p6 comes from max-pooling p5, as Mask R-CNN's heads and anchors expect.
-    """
-    kind = check_choice("MODEL.REV.PYRAMID", cfg.MODEL.REV.PYRAMID, PYRAMIDS)
-    if kind == "fpn":
-        raise ValueError(
-            "MODEL.REV.PYRAMID = 'fpn' needs a multi-scale trunk (RevMViT); RevViT is single-scale: "
-            "use 'reversible' or 'simple'."
-        )
-    common = dict(
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        top_block=LastLevelMaxPool(),
-        norm=cfg.MODEL.FPN.NORM or "LN",
-        square_pad=cfg.MODEL.REV.SQUARE_PAD,
+
+def _single_scale_args(cfg) -> dict:
+    """What both pyramids of a single-scale trunk take: a LayerNorm by default, a square pad."""
+    return dict(
+        norm=cfg.MODEL.FPN.NORM or "LN", square_pad=cfg.MODEL.REV.SQUARE_PAD, **_pyramid_args(cfg)
     )
-    if kind == "simple":
-        # From the stream width, as ViTDet's pyramid from its ViT's width.
-        name = net._out_features[0]
-        return SimpleFeaturePyramid(net, in_feature=name, width=net.stream_channels, **common)
-    return ReversibleFeaturePyramid(net, num_blocks=cfg.MODEL.REV.PYRAMID_BLOCKS, **common)
+
+
+def _reversible_pyramid(cfg, net: TwoStreamTrunk) -> Backbone:
+    return ReversibleFeaturePyramid(
+        net, num_blocks=cfg.MODEL.REV.PYRAMID_BLOCKS, **_single_scale_args(cfg)
+    )
+
+
+def _simple_pyramid(cfg, net: TwoStreamTrunk) -> Backbone:
+    # From the stream width, as ViTDet's pyramid from its ViT's width.
+    return SimpleFeaturePyramid(
+        net, in_feature=net._out_features[0], width=net.stream_channels, **_single_scale_args(cfg)
+    )
+
+
+def _fpn_args(cfg, net: Backbone) -> dict:
+    """Detectron2's FPN arguments on every feature of a multi-scale trunk."""
+    if cfg.MODEL.REV.SQUARE_PAD:
+        raise ValueError(
+            "MODEL.REV.SQUARE_PAD applies to RevViT's pyramids (a fixed square grid for its "
+            "absolute position embeddings); RevMViT's FPN pads to its size divisibility only: "
+            "set MODEL.REV.SQUARE_PAD to 0."
+        )
+    return dict(
+        in_features=list(net._out_features),
+        norm=resolve_norm(cfg.MODEL.FPN.NORM),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        **_pyramid_args(cfg),
+    )
+
+
+def _fpn(cfg, net: Backbone) -> Backbone:
+    return FPN(bottom_up=net, **_fpn_args(cfg, net))
+
+
+def _recomputed_fpn(cfg, net: Backbone) -> Backbone:
+    backprop = check_backprop(cfg.MODEL.REV.BACKPROP, "MODEL.REV.BACKPROP")
+    return RecomputedFPN(net, backprop=backprop, **_fpn_args(cfg, net))
+
+
+# The pyramid of each (trunk kind, MODEL.REV.PYRAMID): the one place that pairs them. A
+# single-scale trunk is a TwoStreamTrunk (RevViT, or a new trunk of that contract); ViTDet's
+# pyramid and rev_det's reversible one resample its one map. A multi-scale trunk (RevMViT) feeds
+# Detectron2's FPN, or the same FPN recomputed in backward. Every pyramid gives p2-p5 (strides
+# 4-32) whatever the trunk's stride, and p6 by max-pooling p5, as Mask R-CNN's heads expect.
+PYRAMIDS: Dict[Tuple[str, str], Callable[..., Backbone]] = {
+    ("single-scale", "reversible"): _reversible_pyramid,
+    ("single-scale", "simple"): _simple_pyramid,
+    ("multi-scale", "reversible"): _recomputed_fpn,
+    ("multi-scale", "fpn"): _fpn,
+}
+
+
+def build_pyramid(cfg, net: Backbone) -> Backbone:
+    """Wrap a trunk in the pyramid (p2-p6) that ``cfg.MODEL.REV.PYRAMID`` names for its kind.
+
+    Args:
+        cfg: a Detectron2 config with rev_det's keys.
+        net: a single-scale :class:`TwoStreamTrunk` or a multi-scale trunk (RevMViT).
+
+    Returns:
+        Backbone: the pyramid around ``net``, as :data:`PYRAMIDS` builds it.
+    """
+    kind = "single-scale" if isinstance(net, TwoStreamTrunk) else "multi-scale"
+    name = cfg.MODEL.REV.PYRAMID
+    build = PYRAMIDS.get((kind, name))
+    if build is None:
+        valid = " or ".join(repr(p) for k, p in PYRAMIDS if k == kind)
+        other = [k for k, p in PYRAMIDS if p == name]
+        why = f"is for {other[0]} trunks" if other else "is not valid"
+        raise ValueError(
+            f"MODEL.REV.PYRAMID = {name!r} {why}; {type(net).__name__} is {kind}: choose {valid}."
+        )
+    return build(cfg, net)
 
 
 def _check_input_format(cfg, channels: int):
@@ -87,93 +150,20 @@ def set_backprop(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def vit_trunk_args(cfg) -> dict:
-    """The arguments ``cfg.MODEL.REVVIT`` gives a ViT-shaped trunk: RevViT's, and those of
-    Detectron2's own ``ViT`` that share its names (the benchmarks build ViTDet from them)."""
-    c = cfg.MODEL.REVVIT
-    return dict(
-        img_size=c.IMG_SIZE,
-        patch_size=c.PATCH_SIZE,
-        embed_dim=c.EMBED_DIM,
-        depth=c.DEPTH,
-        num_heads=c.NUM_HEADS,
-        mlp_ratio=c.MLP_RATIO,
-        qkv_bias=c.QKV_BIAS,
-        drop_path_rate=c.DROP_PATH_RATE,
-        use_abs_pos=c.USE_ABS_POS,
-        use_rel_pos=c.USE_REL_POS,
-        window_size=c.WINDOW_SIZE,
-        window_block_indexes=tuple(c.WINDOW_BLOCK_INDEXES),
-        pretrain_img_size=c.PRETRAIN_IMG_SIZE,
-        pretrain_use_cls_token=c.PRETRAIN_USE_CLS_TOKEN,
-    )
-
-
-@BACKBONE_REGISTRY.register()
-def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """RevViT + pyramid adapter (p2-p6) from ``cfg.MODEL.REVVIT`` and ``cfg.MODEL.REV``."""
+def _build_backbone(trunk, cfg, input_shape: ShapeSpec) -> Backbone:
+    """``trunk`` built by its ``from_config``, in the pyramid ``cfg`` names."""
     _check_input_format(cfg, input_shape.channels)
-    net = RevViT(
-        in_chans=input_shape.channels,
-        **vit_trunk_args(cfg),
-        stem_channels=tuple(cfg.MODEL.REVVIT.STEM_CHANNELS),
-        stem_norm=cfg.MODEL.REVVIT.STEM_NORM,
-        backprop=check_backprop(cfg.MODEL.REV.BACKPROP, "MODEL.REV.BACKPROP"),
-        parallel_backward=cfg.MODEL.REV.PARALLEL_BACKWARD,
-    )
+    net = trunk(**trunk.from_config(cfg, input_shape))
     return expect_optimizer(build_pyramid(cfg, net), cfg.SOLVER.OPTIMIZER)
 
 
 @BACKBONE_REGISTRY.register()
-def build_rev_mvit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """RevMViT + FPN (p2-p6) from ``cfg.MODEL.REVMVIT`` and ``cfg.MODEL.REV``.
+def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """RevViT (:meth:`RevViT.from_config`) in the pyramid ``MODEL.REV.PYRAMID`` names: p2-p6."""
+    return _build_backbone(RevViT, cfg, input_shape)
 
-    ``MODEL.REV.PYRAMID`` "fpn" is Detectron2's FPN; "reversible" the same FPN recomputed in
-    backward (:class:`RecomputedFPN`).
-    """
-    _check_input_format(cfg, input_shape.channels)
-    if cfg.MODEL.REV.SQUARE_PAD:
-        raise ValueError(
-            "MODEL.REV.SQUARE_PAD applies to RevViT's pyramids (a fixed square grid for its "
-            "absolute position embeddings); RevMViT's FPN pads to its size divisibility only: "
-            "set MODEL.REV.SQUARE_PAD to 0."
-        )
-    c = cfg.MODEL.REVMVIT
-    backprop = check_backprop(cfg.MODEL.REV.BACKPROP, "MODEL.REV.BACKPROP")
-    net = RevMViT(
-        img_size=c.IMG_SIZE,
-        in_chans=input_shape.channels,
-        embed_dim=c.EMBED_DIM,
-        depth=c.DEPTH,
-        num_heads=c.NUM_HEADS,
-        last_block_indexes=tuple(c.LAST_BLOCK_INDEXES),
-        adaptive_kv_stride=c.ADAPTIVE_KV_STRIDE,
-        adaptive_window_size=c.ADAPTIVE_WINDOW_SIZE,
-        residual_pooling=c.RESIDUAL_POOLING,
-        mlp_ratio=c.MLP_RATIO,
-        qkv_bias=c.QKV_BIAS,
-        drop_path_rate=c.DROP_PATH_RATE,
-        use_abs_pos=c.USE_ABS_POS,
-        use_rel_pos=c.USE_REL_POS,
-        backprop=backprop,
-        parallel_backward=cfg.MODEL.REV.PARALLEL_BACKWARD,
-        out_features=tuple(c.OUT_FEATURES),
-    )
-    kind = check_choice("MODEL.REV.PYRAMID", cfg.MODEL.REV.PYRAMID, PYRAMIDS)
-    if kind == "simple":
-        raise ValueError(
-            "MODEL.REV.PYRAMID = 'simple' (ViTDet's single-scale pyramid) does not apply to "
-            "RevMViT, which is multi-scale: use 'reversible' or 'fpn'."
-        )
-    fpn_args = dict(
-        in_features=list(c.OUT_FEATURES),
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=resolve_norm(cfg.MODEL.FPN.NORM),
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
-    if kind == "fpn":
-        backbone = FPN(bottom_up=net, **fpn_args)
-    else:
-        backbone = RecomputedFPN(net, backprop=backprop, **fpn_args)
-    return expect_optimizer(backbone, cfg.SOLVER.OPTIMIZER)
+
+@BACKBONE_REGISTRY.register()
+def build_rev_mvit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """RevMViT (:meth:`RevMViT.from_config`) in the FPN ``MODEL.REV.PYRAMID`` names: p2-p6."""
+    return _build_backbone(RevMViT, cfg, input_shape)

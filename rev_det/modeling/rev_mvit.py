@@ -2,9 +2,10 @@
 
 import logging
 from functools import partial
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -20,6 +21,7 @@ from .attention import (
     window_partition,
     window_unpartition,
 )
+from .trunk_args import backprop_args, size_args
 
 __all__ = [
     "RevMViT",
@@ -34,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # MViTv2's detection sizes (Detectron2's MViTv2 configs): width and heads of the first stage
 # (both double at every stage), depth, the last block of each of the four stages, drop path.
+# The one table of these numbers: yacs configs name a row (MODEL.REVMVIT.SIZE), LazyConfigs
+# unpack one (``L(RevMViT)(**REVMVIT_SIZES["T"], ...)``).
 REVMVIT_SIZES = {
     "T": dict(
         embed_dim=96, depth=10, num_heads=1, last_block_indexes=(0, 2, 7, 9), drop_path_rate=0.2
@@ -503,6 +507,38 @@ class RevMViT(Backbone, BackpropModule):
             depth,
             [i + 1 for i in last[:-1]],
             backprop,
+        )
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: ShapeSpec) -> Dict[str, Any]:
+        """The constructor arguments from ``cfg.MODEL.REVMVIT`` and ``cfg.MODEL.REV``
+        (Detectron2's ``from_config``): the one place that reads this trunk's config keys.
+
+        The size is the row of :data:`REVMVIT_SIZES` that ``MODEL.REVMVIT.SIZE`` names, and any
+        of its keys the config sets wins over it (see
+        :func:`~rev_det.modeling.trunk_args.size_args`).
+
+        Args:
+            cfg: a Detectron2 config with rev_det's keys.
+            input_shape: the images' shape; its ``channels`` is ``in_chans``.
+
+        Returns:
+            dict: keyword arguments of :class:`RevMViT`.
+        """
+        c = cfg.MODEL.REVMVIT
+        return dict(
+            img_size=c.IMG_SIZE,
+            in_chans=input_shape.channels,
+            **size_args(c, "MODEL.REVMVIT", REVMVIT_SIZES),
+            adaptive_kv_stride=c.ADAPTIVE_KV_STRIDE,
+            adaptive_window_size=c.ADAPTIVE_WINDOW_SIZE,
+            residual_pooling=c.RESIDUAL_POOLING,
+            mlp_ratio=c.MLP_RATIO,
+            qkv_bias=c.QKV_BIAS,
+            use_abs_pos=c.USE_ABS_POS,
+            use_rel_pos=c.USE_REL_POS,
+            **backprop_args(cfg),
+            out_features=tuple(c.OUT_FEATURES),
         )
 
     @property

@@ -2,7 +2,7 @@
 
 import logging
 from functools import partial
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -21,13 +21,15 @@ from .attention import (
 )
 from .layers import get_norm
 from .trunk import TwoStreamTrunk
+from .trunk_args import backprop_args, size_args
 
-__all__ = ["RevViT", "RevViTBlock", "Attention", "PatchEmbed", "REVVIT_SIZES"]
+__all__ = ["RevViT", "RevViTBlock", "Attention", "PatchEmbed", "REVVIT_SIZES", "vit_trunk_args"]
 
 logger = logging.getLogger(__name__)
 
 # ViTDet's B/L/H: width, depth, heads, drop path and the blocks that use window attention
-# (the others, evenly spaced, use global attention).
+# (the others, evenly spaced, use global attention). The one table of these numbers: yacs configs
+# name a row (MODEL.REVVIT.SIZE), LazyConfigs unpack one (``L(RevViT)(**REVVIT_SIZES["B"], ...)``).
 REVVIT_SIZES = {
     "B": dict(
         embed_dim=768,
@@ -51,6 +53,32 @@ REVVIT_SIZES = {
         window_block_indexes=tuple(i for i in range(32) if i % 8 != 7),
     ),
 }
+
+
+def vit_trunk_args(cfg) -> Dict[str, Any]:
+    """The arguments ``cfg.MODEL.REVVIT`` gives a ViT-shaped trunk: the part of
+    :meth:`RevViT.from_config` that Detectron2's own ``ViT`` shares by name (the benchmarks build
+    ViTDet from it; RevViT's stem and backprop options are not in it).
+
+    Args:
+        cfg: a Detectron2 config with rev_det's keys.
+
+    Returns:
+        dict: keyword arguments, sized by ``MODEL.REVVIT.SIZE`` and the size keys the config sets.
+    """
+    c = cfg.MODEL.REVVIT
+    return dict(
+        img_size=c.IMG_SIZE,
+        patch_size=c.PATCH_SIZE,
+        mlp_ratio=c.MLP_RATIO,
+        qkv_bias=c.QKV_BIAS,
+        use_abs_pos=c.USE_ABS_POS,
+        use_rel_pos=c.USE_REL_POS,
+        window_size=c.WINDOW_SIZE,
+        pretrain_img_size=c.PRETRAIN_IMG_SIZE,
+        pretrain_use_cls_token=c.PRETRAIN_USE_CLS_TOKEN,
+        **size_args(c, "MODEL.REVVIT", REVVIT_SIZES),
+    )
 
 
 class PatchEmbed(nn.Module):
@@ -311,6 +339,30 @@ class RevViT(TwoStreamTrunk):
         self._out_feature_channels = {out_feature: 2 * embed_dim}
         self._out_feature_strides = {out_feature: patch_size}
         init_vit_weights(self, self.pos_embed)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: ShapeSpec) -> Dict[str, Any]:
+        """The constructor arguments from ``cfg.MODEL.REVVIT`` and ``cfg.MODEL.REV``
+        (Detectron2's ``from_config``): the one place that reads this trunk's config keys.
+
+        The size is the row of :data:`REVVIT_SIZES` that ``MODEL.REVVIT.SIZE`` names, and any of
+        its keys the config sets wins over it (see :func:`~rev_det.modeling.trunk_args.size_args`).
+
+        Args:
+            cfg: a Detectron2 config with rev_det's keys.
+            input_shape: the images' shape; its ``channels`` is ``in_chans``.
+
+        Returns:
+            dict: keyword arguments of :class:`RevViT`.
+        """
+        c = cfg.MODEL.REVVIT
+        return dict(
+            in_chans=input_shape.channels,
+            **vit_trunk_args(cfg),
+            stem_channels=tuple(c.STEM_CHANNELS),
+            stem_norm=c.STEM_NORM,
+            **backprop_args(cfg),
+        )
 
     # The mode is the block sequence's: one value, however it is set.
     @property
