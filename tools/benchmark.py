@@ -55,6 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_args(argv=None) -> argparse.Namespace:
     """The parsed command line, with the defaults that depend on the device filled in."""
     parser = argparse.ArgumentParser(
+        # Each section describes itself where it is defined (rev_det.benchmark.sections).
         description=__doc__.format(sections=describe_sections()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -193,7 +194,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
+    """Run the benchmark of the command line ``argv`` (default ``sys.argv``); its results."""
     args = parse_args(argv)
     command = ["python", "tools/benchmark.py"] + (argv if argv is not None else sys.argv[1:])
     return run(args, " ".join(command))
