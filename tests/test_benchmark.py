@@ -1,15 +1,30 @@
-"""tools/benchmark.py on tiny models: every mode in the tables, memory ordering, flat depth."""
+"""rev_det.benchmark and its command line tools/benchmark.py on tiny models: every mode in the
+tables, memory ordering, flat depth."""
 
+import importlib.util
 import os
-import sys
 
 import detectron2.modeling
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from rev_det.benchmark import MODES, SECTIONS, GiB, MemoryBudget, budgeted, largest_batch
+from rev_det.benchmark.sections.classification import marginal_per_image
+from rev_det.benchmark.sections.speed import SpeedRun, speed_runs
 
-import benchmark  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command_line():
+    """tools/benchmark.py as a module: the command line whose options and output are tested."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_cli", os.path.join(ROOT, "tools", "benchmark.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _command_line()
 
 TINY = [
     "MODEL.REVVIT.EMBED_DIM", "96", "MODEL.REVVIT.NUM_HEADS", "3", "MODEL.REVVIT.DEPTH", "8",
@@ -29,7 +44,7 @@ def test_detection_and_depth_every_mode_memory_ordering_flat_depth(tmp_path):
     args = ["--backbone", "rev_vit_b", "--size", "256", "--sections", "detection", "depth"]
     # From depth 8 on every depth has the same mix of window and global blocks.
     args += ["--depths", "8", "16", "--out", out, "--opts", *TINY]
-    results = benchmark.main(args)
+    results = cli.main(args)
 
     runs = {(r["backprop"], r["pyramid"]): r for r in results["detection"]}
     assert list(runs) == [
@@ -56,7 +71,7 @@ def test_detection_and_depth_every_mode_memory_ordering_flat_depth(tmp_path):
     report = read(os.path.join(out, "results.md"))
     for backprop, pyramid in runs:
         assert f"| {backprop} | {pyramid} |" in report
-    for mode in benchmark.MODES:
+    for mode in MODES:
         assert f"| {mode} | none | 16 |" in report
     assert os.path.isfile(os.path.join(out, "memory_vs_depth.png"))
     assert results["command"] in report and results["machine"] in report
@@ -66,18 +81,18 @@ def test_detection_and_depth_every_mode_memory_ordering_flat_depth(tmp_path):
 def test_classification_per_image_ordering_and_marginal(tmp_path):
     out = str(tmp_path / "cls")
     args = ["--sections", "classification", "--classifiers", "vit_ti", "--cls-batches", "1", "2"]
-    results = benchmark.main(args + ["--out", out])
+    results = cli.main(args + ["--out", out])
 
     rows = {(r["backprop"], r["batch"]): r for r in results["classification"]}
-    assert set(rows) == {(m, b) for m in benchmark.MODES for b in (1, 2)}
+    assert set(rows) == {(m, b) for m in MODES for b in (1, 2)}
     for batch in (1, 2):
-        per_image = {m: rows[(m, batch)]["per_image"] for m in benchmark.MODES}
+        per_image = {m: rows[(m, batch)]["per_image"] for m in MODES}
         assert per_image["reversible"] < per_image["checkpoint"] < per_image["autograd"]
     # Autograd stores every block's activations for each image: its per-image memory is ~flat.
     assert rows[("autograd", 2)]["per_image"] == pytest.approx(
         rows[("autograd", 1)]["per_image"], rel=0.1
     )
-    marginal = benchmark.marginal_per_image(results["classification"])
+    marginal = marginal_per_image(results["classification"])
     slope, _, b0, b1 = marginal[("vit_ti", "reversible")]
     assert (b0, b1) == (1, 2)
     assert slope == pytest.approx(
@@ -89,19 +104,19 @@ def test_classification_per_image_ordering_and_marginal(tmp_path):
 
 
 def test_budget_skips_with_the_prediction_and_never_runs():
-    budget = benchmark.MemoryBudget(1.0)
+    budget = MemoryBudget(1.0)
     series = ("depth", "autograd", "simple", 1024)
-    budget.record([(series, 6)], 0.2 * benchmark.GiB)
-    budget.record([(series, 12)], 0.5 * benchmark.GiB)
-    assert budget.predict(series, 18) == pytest.approx(0.8 * benchmark.GiB)
+    budget.record([(series, 6)], 0.2 * GiB)
+    budget.record([(series, 12)], 0.5 * GiB)
+    assert budget.predict(series, 18) == pytest.approx(0.8 * GiB)
 
     def run():
         raise AssertionError("a run over the budget must not start")
 
-    row = benchmark.budgeted(budget, [(series, 24)], 100.0, "test", run)
+    row = budgeted(budget, [(series, 24)], 100.0, "test", run)
     assert not row["measured"] and row["predicted_along"] == "depth"
     assert row["predicted_peak"] == pytest.approx(1.1 * 1024 - 100.0)
-    fits = benchmark.budgeted(budget, [(series, 18)], 100.0, "test", lambda: {"peak": 500.0})
+    fits = budgeted(budget, [(series, 18)], 100.0, "test", lambda: {"peak": 500.0})
     assert fits == {"measured": True, "peak": 500.0}
 
 
@@ -112,36 +127,36 @@ def test_largest_batch_doubles_then_bisects():
         calls.append(batch)
         return batch <= 37
 
-    assert benchmark.largest_batch(fits, limit=512) == (37, [1, 2, 4, 8, 16, 32])
+    assert largest_batch(fits, limit=512) == (37, [1, 2, 4, 8, 16, 32])
     assert max(calls) <= 64
-    assert benchmark.largest_batch(fits, limit=20) == (20, [1, 2, 4, 8, 16])
-    assert benchmark.largest_batch(lambda b: False, limit=512) == (0, [])
+    assert largest_batch(fits, limit=20) == (20, [1, 2, 4, 8, 16])
+    assert largest_batch(lambda b: False, limit=512) == (0, [])
 
 
 def test_speed_section_adds_the_parallel_backward_run_on_cuda():
     runs = [("autograd", "simple"), ("checkpoint", "simple"), ("reversible", "reversible")]
-    assert benchmark.speed_runs(runs, "cuda") == [
+    assert speed_runs(runs, "cuda") == [
         ("autograd", "simple", False),
         ("checkpoint", "simple", False),
         ("reversible", "reversible", False),
         ("reversible", "reversible", True),
     ]
-    assert benchmark.speed_runs(runs, "cpu") == [(*run, False) for run in runs]
+    assert speed_runs(runs, "cpu") == [(*run, False) for run in runs]
 
 
 def test_speed_section_times_each_detector_interleaved_with_its_peak(tmp_path, monkeypatch):
     out = str(tmp_path / "speed")
     order = []
-    step = benchmark.SpeedRun.step
+    step = SpeedRun.step
 
     def recorded(run, data):
         inner = step(run, data)
         return lambda: (order.append((run.label, len(data))), inner())
 
-    monkeypatch.setattr(benchmark.SpeedRun, "step", recorded)
+    monkeypatch.setattr(SpeedRun, "step", recorded)
     args = ["--size", "128", "--sections", "speed", "--speed-batches", "1", "2", "--no-vitdet"]
     args += ["--repeats", "2", "--warmup", "2", "--out", out, "--opts", *TINY]
-    results = benchmark.main(args)
+    results = cli.main(args)
 
     labels = ["autograd", "checkpoint", "reversible"]
     rows = results["speed"]
@@ -158,14 +173,23 @@ def test_speed_section_times_each_detector_interleaved_with_its_peak(tmp_path, m
     assert os.path.isfile(os.path.join(out, "throughput_vs_batch.png"))
 
 
+def test_every_section_of_the_registry_is_offered_and_described(capsys):
+    assert cli.parse_args(["--sections", *SECTIONS]).sections == list(SECTIONS)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in SECTIONS:
+        assert text.count(f"\n{name}\n    ") == 1, name
+
+
 def test_speed_arguments_are_checked():
     with pytest.raises(SystemExit):
-        benchmark.parse_args(["--warmup", "0"])
+        cli.parse_args(["--warmup", "0"])
 
 
 def test_speed_section_times_detectron2s_vitdet_first_where_it_exists(tmp_path):
     args = ["--size", "128", "--sections", "speed", "--repeats", "1", "--warmup", "1"]
-    results = benchmark.main(args + ["--out", str(tmp_path), "--opts", *TINY])
+    results = cli.main(args + ["--out", str(tmp_path), "--opts", *TINY])
     rows = [(r["backprop"], r["pyramid"]) for r in results["speed"]]
     if not hasattr(detectron2.modeling, "ViT"):  # Detectron2 v0.6
         assert rows == [("autograd", "simple"), ("checkpoint", "simple")] + [

@@ -88,9 +88,8 @@ def test_a_two_stream_trunk_fuses_its_streams_in_forward():
     assert torch.equal(trunk(x)["last_feat"], torch.cat([x, -x], dim=1))
 
 
-def _rev_det_imports(path):
-    """The rev_det modules a file imports (absolute names; relative imports resolved), and for
-    ``from a import b`` also ``a.b``, which may be a module."""
+def _imports(path):
+    """The modules a file imports (absolute names; relative imports resolved)."""
     import ast
     import os
 
@@ -108,7 +107,12 @@ def _rev_det_imports(path):
             names.update(f"{module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-    return {n for n in names if n.startswith("rev_det") or n.startswith("detectron2")}
+    return names
+
+
+def _rev_det_imports(path):
+    """The rev_det and Detectron2 modules a file imports."""
+    return {n for n in _imports(path) if n.startswith("rev_det") or n.startswith("detectron2")}
 
 
 @pytest.mark.parametrize("layer", ["reversible", "modeling"])
@@ -150,3 +154,23 @@ def test_only_entry_points_import_the_wiring_of_the_runs():
             continue
         bad = {n for n in _rev_det_imports(path) if n.startswith("rev_det.trainer")}
         assert not bad, f"{os.path.relpath(path, root)} imports {sorted(bad)}"
+
+
+def test_the_benchmark_library_imports_no_tool_or_project():
+    """docs/architecture.md: rev_det/benchmark is Detectron2 glue: it may import rev_det and
+    Detectron2, never a script of tools/ or projects/ (tools/benchmark.py is its command line)."""
+    import glob
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    scripts = glob.glob(os.path.join(root, "tools", "*.py"))
+    scripts += glob.glob(os.path.join(root, "projects", "**", "*.py"), recursive=True)
+    script_names = {os.path.splitext(os.path.basename(p))[0] for p in scripts}
+    files = sorted(
+        glob.glob(os.path.join(root, "rev_det", "benchmark", "**", "*.py"), recursive=True)
+    )
+    assert files
+    for path in files:
+        bad = {n for n in _imports(path) if n.split(".")[0] in script_names}
+        assert not bad, f"{os.path.relpath(path, root)} imports {sorted(bad)}"
+        assert "sys.path" not in open(path).read(), os.path.relpath(path, root)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the time of one Mask R-CNN training step goes, per backprop mode.
 
-Two views of the same detectors (``tools/benchmark.py``'s, from
+Two views of the same detectors (``rev_det.benchmark``'s, from
 ``configs/COCO/mask_rcnn_<backbone>.yaml``; with Detectron2 main also its own ViTDet with the
 same heads), on synthetic images:
 
@@ -36,10 +36,19 @@ import torch
 from detectron2.modeling import build_model
 from torch.profiler import ProfilerActivity, profile
 
+from rev_det.benchmark import (
+    backbone_forward,
+    detection_forward,
+    detector_cfg,
+    interleaved_times,
+    saturating_objects,
+    synthetic_batch,
+    training_step,
+    vitdet_detector,
+)
 from rev_det.utils import git_commit, machine, write_results
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CATEGORIES = (
     "global attention",
@@ -109,52 +118,39 @@ def median_seconds(steps: Dict[str, Callable[[], None]], repeats: int) -> Dict[s
     """Median seconds of each step, run in turn ``repeats`` times after one warm-up each."""
     for step in steps.values():
         step()
-    times = defaultdict(list)
-    for _ in range(repeats):
-        for name, step in steps.items():
-            times[name].append(benchmark.timed(step, "cpu"))
-    return {name: statistics.median(t) for name, t in times.items()}
+    times = interleaved_times(list(steps.values()), repeats, "cpu")
+    return {name: statistics.median(t) for name, t in zip(steps, times)}
 
 
-def backward_of(forward: Callable[[], torch.Tensor], model) -> Callable[[], None]:
-    def step():
-        model.zero_grad(set_to_none=True)
-        forward().backward()
-
-    return step
-
-
-def trunk_forward(net, images):
-    """The trunk alone, its output reduced to a scalar as the pyramid would consume it."""
-
-    def forward():
-        return sum(f.float().mean() for f in net(images).values())
-
-    return forward
-
-
-def profile_mode(args, det, backprop: str, pyramid: str) -> dict:
+def profile_mode(args, backprop: str, pyramid: str) -> dict:
     vitdet = pyramid == "vitdet"
-    cfg = det.cfg("autograd" if vitdet else backprop, "simple" if vitdet else pyramid)
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    if vitdet:
-        model.backbone = benchmark.vitdet_backbone(cfg, backprop == "checkpoint", args.size)
-        if model.backbone is None:
-            raise SystemExit(f"{backprop}/vitdet: this Detectron2 has no ViT (use Detectron2 main)")
-    objects = benchmark.saturating_objects(cfg)  # the same head workload for every detector
-    data = benchmark.synthetic_batch(
-        args.size, args.batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "cpu", objects
+    cfg = detector_cfg(
+        args.backbone,
+        "autograd" if vitdet else backprop,
+        "simple" if vitdet else pyramid,
+        "cpu",
+        args.opts,
     )
+    torch.manual_seed(0)
+    if vitdet:
+        model = vitdet_detector(cfg, backprop == "checkpoint", args.size)
+        if model is None:
+            raise SystemExit(f"{backprop}/vitdet: this Detectron2 has no ViT (use Detectron2 main)")
+    else:
+        model = build_model(cfg)
+    model.train()
+    objects = saturating_objects(cfg)  # the same head workload for every detector
+    data = synthetic_batch(args.size, args.batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "cpu", objects)
     # Square synthetic images of a size divisible by every stride: no padding anywhere.
     images = model.preprocess_image(data).tensor
     backbone = model.backbone
-    step_forward = benchmark.detection_forward(model, data, False)
+    step_forward = detection_forward(model, data, False)
     seconds = median_seconds(
         {
-            "trunk": backward_of(trunk_forward(backbone.net, images), model),
-            "backbone": backward_of(benchmark.backbone_forward(backbone, images, False), model),
-            "step": backward_of(step_forward, model),
+            # The trunk alone, its features reduced to a scalar as for the whole backbone.
+            "trunk": training_step(backbone_forward(backbone.net, images, False), model),
+            "backbone": training_step(backbone_forward(backbone, images, False), model),
+            "step": training_step(step_forward, model),
         },
         args.repeats,
     )
@@ -166,7 +162,7 @@ def profile_mode(args, det, backprop: str, pyramid: str) -> dict:
     }
     window = cfg.MODEL.REVVIT.WINDOW_SIZE**2
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        backward_of(step_forward, model)()
+        training_step(step_forward, model)()
     ops = defaultdict(float)
     for event in prof.events():
         # Self time, so that nested operators are not counted twice.
@@ -187,7 +183,7 @@ def report(args, rows: List[dict]) -> str:
         f"# Profile of one training step: {args.backbone}, {args.size}x{args.size}, "
         f"batch {args.batch}, fp32",
         "",
-        f"- machine: {machine()}; torch {torch.__version__}; rev_det {git_commit(benchmark.ROOT)}",
+        f"- machine: {machine()}; torch {torch.__version__}; rev_det {git_commit(ROOT)}",
         f"- command: `python tools/profile_step.py {' '.join(sys.argv[1:])}`",
         "",
         f"## Components (seconds, median of {args.repeats} interleaved runs after a warm-up)",
@@ -241,18 +237,11 @@ def main(argv=None):
     parser.add_argument("--opts", nargs="+", default=[], help="KEY VALUE ... config overrides")
     parser.add_argument("--out", default=None, help="default benchmarks/profile_<backbone>_<size>")
     args = parser.parse_args(argv)
-    args.out = args.out or os.path.join(
-        benchmark.ROOT, "benchmarks", f"profile_{args.backbone}_{args.size}"
-    )
-    bench_args = benchmark.parse_args(
-        ["--backbone", args.backbone, "--size", str(args.size), "--device", "cpu"]
-        + (["--opts", *args.opts] if args.opts else [])
-    )
-    det = benchmark.Detection(bench_args, benchmark.MemoryBudget(None))
+    args.out = args.out or os.path.join(ROOT, "benchmarks", f"profile_{args.backbone}_{args.size}")
     rows = []
     for backprop, pyramid in (mode.split("/") for mode in args.modes):
         print(f"profiling {backprop} + {pyramid} at {args.size}", flush=True)
-        rows.append(profile_mode(args, det, backprop, pyramid))
+        rows.append(profile_mode(args, backprop, pyramid))
         print(json.dumps(rows[-1]["components"]), flush=True)
     text = report(args, rows)
     write_results(args.out, text, rows, name="profile")
