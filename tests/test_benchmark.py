@@ -103,6 +103,30 @@ def test_classification_per_image_ordering_and_marginal(tmp_path):
     assert os.path.isfile(os.path.join(out, "memory_per_image_vs_batch.png"))
 
 
+def test_depth_override_keeps_a_named_sizes_attention_layout():
+    """Configs name their size (MODEL.REVVIT.SIZE "B") and leave the size keys unset; the
+    benchmark's depth override starts from the named size."""
+    from rev_det.benchmark.detectors import detector_cfg
+    from rev_det.benchmark.sections.depth import trunk_model
+    from rev_det.modeling import vit_trunk_args
+
+    cfg = detector_cfg("rev_vit_b", "reversible", "reversible", "cpu", depth=6)
+    sized = vit_trunk_args(cfg)
+    # ViT-B's global blocks are every third (2, 5, 8, 11): at depth 6, blocks 2 and 5.
+    assert sized["depth"] == 6 and sized["window_block_indexes"] == (0, 1, 3, 4)
+    assert sized["embed_dim"] == 768
+
+    class Det:
+        args = type("Args", (), {"size": 64, "device": "cpu"})
+
+        @staticmethod
+        def cfg(backprop, pyramid):
+            return detector_cfg("rev_vit_b", backprop, pyramid, "cpu")
+
+    trunk = trunk_model(Det, 3, "reversible")
+    assert len(list(trunk.blocks.children())) == 3 and trunk.patch_embed.proj.out_channels == 768
+
+
 def test_budget_skips_with_the_prediction_and_never_runs():
     budget = MemoryBudget(1.0)
     series = ("depth", "autograd", "simple", 1024)

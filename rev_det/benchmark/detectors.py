@@ -8,12 +8,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
 from rev_det.config import add_revdet_config
+from rev_det.modeling import RevMViT, RevViT, vit_trunk_args
 
 from .measure import MemoryBudget, Row, budgeted, measure, param_mib
 
@@ -72,10 +74,10 @@ def detector_cfg(
     if depth is not None:
         if not backbone.startswith("rev_vit"):
             raise SystemExit("--depth-scope step is implemented for RevViT detectors only.")
-        c = cfg.MODEL.REVVIT
-        every = global_every(c.DEPTH, c.WINDOW_BLOCK_INDEXES)
-        c.WINDOW_BLOCK_INDEXES = [i for i in range(depth) if i % every != every - 1]
-        c.DEPTH = depth
+        sized = vit_trunk_args(cfg)  # the named size with the keys the config sets
+        every = global_every(sized["depth"], sized["window_block_indexes"])
+        cfg.MODEL.REVVIT.WINDOW_BLOCK_INDEXES = [i for i in range(depth) if i % every != every - 1]
+        cfg.MODEL.REVVIT.DEPTH = depth
     return cfg
 
 
@@ -173,7 +175,8 @@ class Detection:
             ("reversible", "reversible"),
         ]
         cfg = self.cfg("reversible", "reversible")
-        self.depth = (cfg.MODEL.REVVIT if self.vit else cfg.MODEL.REVMVIT).DEPTH
+        trunk = RevViT if self.vit else RevMViT
+        self.depth = trunk.from_config(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))["depth"]
         self._rows: Dict[Tuple, Row] = {}
 
     def runs(self) -> List[Tuple[str, str]]:

@@ -7,7 +7,7 @@ from typing import List
 
 import torch
 
-from rev_det.modeling import RevViT
+from rev_det.modeling import RevViT, vit_trunk_args
 
 from ..detectors import MODES, Detection, backbone_forward, global_every
 from ..measure import Row, budgeted, measure, param_mib
@@ -19,17 +19,17 @@ __all__ = ["DEPTH", "depth_fits", "trunk_model"]
 
 def trunk_model(det: Detection, depth: int, backprop: str) -> RevViT:
     """A RevViT trunk of the configured width and attention layout, with ``depth`` blocks."""
-    c = det.cfg(backprop, "reversible").MODEL.REVVIT
-    every = global_every(c.DEPTH, c.WINDOW_BLOCK_INDEXES)
+    c = vit_trunk_args(det.cfg(backprop, "reversible"))
+    every = global_every(c["depth"], c["window_block_indexes"])
     return RevViT(
         img_size=det.args.size,
-        embed_dim=c.EMBED_DIM,
+        embed_dim=c["embed_dim"],
         depth=depth,
-        num_heads=c.NUM_HEADS,
-        use_rel_pos=c.USE_REL_POS,
-        window_size=c.WINDOW_SIZE,
+        num_heads=c["num_heads"],
+        use_rel_pos=c["use_rel_pos"],
+        window_size=c["window_size"],
         window_block_indexes=[i for i in range(depth) if i % every != every - 1],
-        pretrain_img_size=c.PRETRAIN_IMG_SIZE,
+        pretrain_img_size=c["pretrain_img_size"],
         backprop=backprop,
     ).to(det.args.device)
 
