@@ -33,15 +33,16 @@ class WeightFile:
 
 
 WEIGHTS: Dict[str, WeightFile] = {
-    # The demo's RevViT trunk (embed 192, depth 6), pretrained by dense shape segmentation and
-    # object classification on the shapes generator's "pretrain" stream (600 steps of 16 images,
-    # 17.9 min on a 2-core AMD EPYC); docs/pretrained_trunk.md has its run and numbers.
+    # The demo's RevViT trunk (convolutional stem, embed 192, depth 6), pretrained by dense shape
+    # segmentation and object classification on the shapes generator's "pretrain" stream (1500
+    # steps of 16 images, 59 min on a 2-core AMD EPYC shared with other jobs); its batch-norm
+    # step counters dropped; docs/pretrained_trunk.md has its run and numbers.
     "demo/rev_vit_demo_trunk.pth": WeightFile(
         file="rev_vit_demo_trunk.pth",
-        sha256="c1e4abf0fc7f040717406c7fced137848580ccc6bbed2e3ddb242fa9ec55817e",
+        sha256="7ff5478a1fa8682ffe2ddc23aa2ea6896f687da274cdc57b924c5899644cc177",
         command=(
             "python tools/pretrain_trunk.py --config-file configs/demo/mask_rcnn_rev_vit_demo.yaml "
-            "--output-dir output/pretrain_demo --iterations 600 --warmup 60 "
+            "--output-dir output/pretrain_demo --iterations 1500 --warmup 100 "
             "--export rev_det/model_zoo/weights/rev_vit_demo_trunk.pth --half"
         ),
     ),
