@@ -197,6 +197,9 @@ def test_scratch_demo_config_is_the_demo_without_the_pretrained_trunk():
     assert scratch.MODEL.WEIGHTS == "" and not scratch.MODEL.REV.STRICT_LOAD
     assert scratch.OUTPUT_DIR != demo.OUTPUT_DIR
     assert scratch.SOLVER.MAX_ITER == demo.SOLVER.MAX_ITER  # the same fine-tuning budget
+    # The same trunk, but for the stem's norms: frozen under pretrained weights, learnt from scratch.
+    assert (demo.MODEL.REVVIT.STEM_NORM, scratch.MODEL.REVVIT.STEM_NORM) == ("FrozenBN", "BN")
+    scratch.MODEL.REVVIT.STEM_NORM = "FrozenBN"
     assert scratch.MODEL.REVVIT == demo.MODEL.REVVIT
 
 
