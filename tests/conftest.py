@@ -1,13 +1,7 @@
-import os
-import sys
-
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from rev_det.data import SHAPES_DATASETS, register_shapes_datasets
-
-# Test modules import shared helpers from each other (e.g. test_engine.make_stack).
-sys.path.insert(0, os.path.dirname(__file__))
+from rev_det.data import SHAPES_DATASETS, ensure_shapes_dataset, register_shapes_datasets
 
 
 @pytest.fixture
@@ -26,3 +20,11 @@ def shapes_registered(tmp_path):
     yield str(tmp_path)
     unregister()
     register_shapes_datasets()  # what `import rev_det` registered
+
+
+@pytest.fixture(scope="module")
+def datasets_root(tmp_path_factory):
+    """A small shapes dataset (24 train, 6 val images) in a temporary directory, per module."""
+    root = str(tmp_path_factory.mktemp("datasets"))
+    ensure_shapes_dataset(root, num_train=24, num_val=6)
+    return root

@@ -6,8 +6,6 @@ of the patch size and unknown backprop / pyramid choices on the trunks themselve
 (test_rev_vit.py), odd sizes through RevViT's backbone (test_configs.py).
 """
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -16,15 +14,11 @@ from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, BoxMode, ImageList, Instances
 from detectron2.utils.events import EventStorage, get_event_storage
+from helpers import DEMO_MVIT, fake_batch, tiny_cfg, tiny_rev_mvit, tiny_rev_vit, yacs_cfg
 from PIL import Image
-from test_configs import ROOT, fake_batch, tiny_cfg, yacs_cfg
-from test_rev_mvit import tiny_rev_mvit
-from test_rev_vit import tiny_rev_vit
 
 from rev_det.modeling.rev_mvit import PoolingAttention
 from rev_det.modeling.rev_vit import RevViTBlock
-
-DEMO_MVIT = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.yaml")
 
 
 def tiny_mvit_cfg(*opts):

@@ -10,8 +10,7 @@ from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.fpn import FPN
-from test_bad_input import DEMO_MVIT
-from test_configs import DEMO, ROOT, tiny_cfg, yacs_cfg
+from helpers import DEMO, DEMO_MVIT, ROOT, tiny_cfg, yacs_cfg
 
 import rev_det
 from rev_det.checks import check_yacs_config

@@ -22,15 +22,12 @@ import torch
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.structures import BoxMode
+from helpers import DEMO, DEMO_LAZY, DEMO_MVIT, DEMO_YAML
+from helpers import LAZY as LAZY_CONFIGS
+from helpers import ROOT, TINY_LAZY, TINY_YACS
+from helpers import YACS as YACS_CONFIGS
+from helpers import load_entry_point, run_entry, tiny_cfg, yacs_cfg
 from PIL import Image
-from test_bad_input import DEMO_MVIT
-from test_configs import DEMO
-from test_configs import LAZY as LAZY_CONFIGS
-from test_configs import ROOT
-from test_configs import YACS as YACS_CONFIGS
-from test_configs import tiny_cfg, yacs_cfg
-from test_train_net import datasets_root  # noqa: F401  (a fixture: a small shapes dataset)
-from test_train_net import run_entry
 
 from rev_det.checkpoint import atomic_open
 from rev_det.checks import (
@@ -53,7 +50,6 @@ from rev_det.checks import (
 from rev_det.data import build_resumable_train_loader
 from rev_det.reversible import ReconstructionError
 
-DEMO_LAZY = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.py")
 DEMO_MVIT_LAZY = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.py")
 TOOL = os.path.join(ROOT, "tools", "convert_pretrained.py")
 
@@ -293,8 +289,6 @@ def test_more_categories_than_num_classes_is_an_error_before_training(caplog):
 
 
 def test_trainer_refuses_a_dataset_with_more_categories_than_classes(tmp_path):
-    from test_resume import load_entry_point
-
     path = str(tmp_path / "0.jpg")
     Image.new("RGB", (64, 48)).save(path)
     d = dataset_dict(0, [[5, 5, 20, 20]], category=8, size=(48, 64))
@@ -484,8 +478,6 @@ def test_converter_names_unreadable_inputs_without_useless_advice(tmp_path, caps
 
 
 def entry_args(entry, out, *extra):
-    from test_train_net import DEMO_YAML, TINY_LAZY, TINY_YACS
-
     if entry == "yacs":
         opts = TINY_YACS + ["OUTPUT_DIR", out] + [str(e) for e in extra]
         return "train_net.py", ["--config-file", DEMO_YAML, *opts]

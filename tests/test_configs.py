@@ -1,64 +1,18 @@
 """Registration, shipped configs, the backbone + pyramid inside Mask R-CNN, and the optimizer."""
 
-import glob
 import os
 
 import pytest
 import torch
-from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
-from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
+from helpers import LAZY, YACS, fake_batch, tiny_cfg, yacs_cfg
 
-import rev_det
 from rev_det.modeling import set_backprop
 from rev_det.solver import build_optimizer, get_optimizer_params
 from rev_det.utils.memory import MemoryTracker
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-YACS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "mask_rcnn_*.yaml"), recursive=True))
-LAZY = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "mask_rcnn_*.py"), recursive=True))
-DEMO = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
-
-
-def yacs_cfg(path, *opts):
-    cfg = get_cfg()
-    rev_det.add_revdet_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
-    return cfg
-
-
-def tiny_cfg(*opts):
-    """The demo config shrunk further, for fast CPU steps."""
-    return yacs_cfg(
-        DEMO,
-        "MODEL.REVVIT.EMBED_DIM", 48,
-        "MODEL.REVVIT.DEPTH", 4,
-        "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", [0, 2],
-        "MODEL.REVVIT.DROP_PATH_RATE", 0.1,
-        "MODEL.FPN.OUT_CHANNELS", 32,
-        "MODEL.ROI_BOX_HEAD.CONV_DIM", 32,
-        "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
-        "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
-        *opts,
-    )  # fmt: skip
-
-
-def fake_batch(sizes=((192, 256), (200, 249))):
-    g = torch.Generator().manual_seed(0)
-    batch = []
-    for h, w in sizes:
-        inst = Instances((h, w))
-        inst.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 90.0, 120.0], [50.0, 30.0, 150.0, 100.0]]))
-        inst.gt_classes = torch.tensor([1, 4])
-        masks = torch.zeros(2, h, w, dtype=torch.bool)
-        masks[0, 20:120, 10:90] = True
-        masks[1, 30:100, 50:150] = True
-        inst.gt_masks = BitMasks(masks)
-        image = torch.randint(0, 255, (3, h, w), generator=g, dtype=torch.uint8)
-        batch.append({"image": image, "instances": inst, "height": h, "width": w})
-    return batch
 
 
 def test_backbone_is_registered_by_import():

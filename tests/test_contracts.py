@@ -5,7 +5,7 @@ import pytest
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
-from test_configs import tiny_cfg
+from helpers import tiny_cfg
 
 from rev_det.modeling import (
     RecomputedFPN,

@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from test_configs import ROOT
+from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import reconstruction_drift  # noqa: E402

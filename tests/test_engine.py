@@ -8,50 +8,11 @@ import pathlib
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import Block, make_stack, rel_err
 from torch import nn
-from torchvision.ops import StochasticDepth
 
-from rev_det.reversible import (
-    BACKPROP_MODES,
-    ReversibleBlock,
-    ReversibleSequence,
-    drift,
-    engine,
-    schedule,
-)
+from rev_det.reversible import BACKPROP_MODES, ReversibleSequence, drift, engine, schedule
 from rev_det.utils.memory import MemoryTracker
-
-
-class Block(ReversibleBlock):
-    """A small transformer block: F = norm + attention, G = norm + MLP, all with randomness."""
-
-    def __init__(self, dim=16, heads=2, dropout=0.1, drop_path=0.2):
-        super().__init__()
-        self.heads, self.p = heads, dropout
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, 2 * dim)
-        self.fc2 = nn.Linear(2 * dim, dim)
-        self.drop_path = StochasticDepth(drop_path, "row")
-
-    def F(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        p = self.p if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        return self.drop_path(self.proj(x.transpose(1, 2).reshape(b, n, c)))
-
-    def G(self, x):
-        x = F.dropout(F.gelu(self.fc1(self.norm2(x))), self.p, self.training)
-        return self.drop_path(self.fc2(x))
-
-
-def make_stack(depth, dtype=torch.float64, seed=0, **kw):
-    torch.manual_seed(seed)
-    return ReversibleSequence([Block(**kw) for _ in range(depth)]).to(dtype)
 
 
 def run(stack, x, backprop, seed=1):
@@ -67,10 +28,6 @@ def run(stack, x, backprop, seed=1):
     if x.requires_grad:
         grads["input"] = x.grad.clone()
     return torch.cat([y1, y2]).detach(), grads
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("backprop", ["reversible", "checkpoint"])

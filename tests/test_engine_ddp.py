@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_engine import make_stack
+from helpers import (
+    DEMO_LAZY,
+    DEMO_YAML,
+    TINY_LAZY,
+    TINY_YACS,
+    load_entry_point,
+    make_stack,
+    yacs_cfg,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from rev_det.modeling import set_backprop
@@ -78,7 +86,6 @@ IMAGES = 4  # two per process
 
 def mask_rcnn(backbone):
     from detectron2.modeling import build_model
-    from test_configs import yacs_cfg
 
     config_file, opts = TINY_BACKBONES[backbone]
     cfg = yacs_cfg(
@@ -219,9 +226,6 @@ def test_reversible_owners_follow_the_nearest_backprop_setting():
 def test_entry_points_refuse_find_unused_parameters_at_start(one_process_group, tmp_path):
     """As with more than one GPU, where Detectron2's create_ddp_model wraps the model."""
     from detectron2.config import LazyConfig
-    from test_configs import yacs_cfg
-    from test_resume import load_entry_point
-    from test_train_net import DEMO_LAZY, DEMO_YAML, TINY_LAZY, TINY_YACS
 
     import rev_det.trainer
     from rev_det.data import ensure_shapes_dataset

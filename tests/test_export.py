@@ -7,7 +7,7 @@ import pytest
 import torch
 from detectron2.export import TracingAdapter
 from detectron2.modeling import build_backbone, build_model
-from test_configs import ROOT, tiny_cfg, yacs_cfg
+from helpers import ROOT, tiny_cfg, yacs_cfg
 
 MVIT_DEMO = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.yaml")
 FIELDS = ("pred_boxes", "scores", "pred_classes", "pred_masks")

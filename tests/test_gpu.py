@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
-from test_configs import fake_batch, tiny_cfg
-from test_engine import Block, rel_err
+from helpers import Block, fake_batch, rel_err, tiny_cfg
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rev_det.reversible import ReversibleBlock, ReversibleSequence, schedule

@@ -10,9 +10,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.projects.point_rend import PointRendMaskHead, add_pointrend_config
-
-# datasets_root is a fixture (a small shapes dataset in a tmp dir), shared with test_train_net.
-from test_train_net import ROOT, TINY_YACS, copypaste_ap, datasets_root, run  # noqa: F401
+from helpers import ROOT, TINY_YACS, copypaste_ap, run
 
 import rev_det
 from rev_det.modeling import ReversibleFeaturePyramid, RevViT
@@ -44,7 +42,7 @@ def test_config_builds_pointrend_on_rev_vit(path):
 
 
 @pytest.mark.slow
-def test_pointrend_trains_and_evaluates(datasets_root, tmp_path):  # noqa: F811
+def test_pointrend_trains_and_evaluates(datasets_root, tmp_path):
     out = str(tmp_path / "out")
     # TINY_YACS narrows the pyramid to 32 channels; the coarse mask head must not be wider.
     opts = TINY_YACS + ["MODEL.ROI_MASK_HEAD.CONV_DIM", "32", "SOLVER.MAX_ITER", "3"]

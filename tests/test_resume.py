@@ -1,6 +1,5 @@
 """Resuming equals not stopping: the resumable loader, and real kills through both entry points."""
 
-import importlib.util
 import itertools
 import json
 import os
@@ -14,14 +13,15 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_train_net import (  # noqa: F401  (datasets_root is a fixture)
+from helpers import (
     DEMO_LAZY,
     DEMO_YAML,
     ROOT,
     TINY_LAZY,
     TINY_YACS,
-    datasets_root,
+    load_entry_point,
     run,
+    yacs_cfg,
 )
 
 from rev_det.data import ResumableBatchSampler, build_resumable_train_loader
@@ -110,7 +110,6 @@ def test_bad_loader_arguments_are_named():
         build_resumable_train_loader([{"id": 0}], mapper=noisy_mapper, total_batch_size=1)
     with pytest.raises(TypeError, match="list of dataset dicts"):
         build_resumable_train_loader(tuple(DICTS), mapper=noisy_mapper, total_batch_size=1)
-    from test_configs import yacs_cfg
 
     cfg = yacs_cfg(DEMO_YAML, "DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler")
     with pytest.raises(ValueError, match="'TrainingSampler' only"):
@@ -234,19 +233,9 @@ def test_strict_load_names_missing_backbone_weights(entry, datasets_root, tmp_pa
     assert "tools/convert_pretrained.py" in message
 
 
-def load_entry_point(name):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "projects", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_yacs_trainer_saves_atomically_and_resumes_optimizer_and_data(tmp_path):
     from detectron2.engine import hooks
     from detectron2.utils.events import EventStorage
-    from test_configs import yacs_cfg
 
     from rev_det.checkpoint import AtomicCheckpointer, IterationSeeder
     from rev_det.data import ResumableTrainLoader, ensure_shapes_dataset

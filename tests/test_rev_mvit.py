@@ -3,7 +3,7 @@
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from test_engine import rel_err
+from helpers import rel_err, tiny_rev_mvit
 from torch import nn
 
 from rev_det.modeling.attention import attention_with_rel_pos, rel_pos_table
@@ -11,29 +11,6 @@ from rev_det.modeling.rev_mvit import REVMVIT_SIZES, RevMViT, StageTransitionBlo
 from rev_det.utils.memory import MemoryTracker
 
 LEVELS = ("scale2", "scale3", "scale4", "scale5")
-
-
-def tiny_rev_mvit(**kw):
-    """Two blocks in stage 2, then a transition and one reversible block per stage.
-
-    At 64x96 input this has windowed blocks with an explicit relative position bias and a
-    global block (block 3) that folds it into q and k, pooled keys everywhere.
-    """
-    args = dict(
-        img_size=64,
-        embed_dim=16,
-        depth=8,
-        num_heads=1,
-        last_block_indexes=(1, 3, 5, 7),
-        adaptive_window_size=8,
-        drop_path_rate=0.3,
-        use_abs_pos=True,
-        pretrain_img_size=64,
-        pretrain_use_cls_token=False,
-    )
-    args.update(kw)
-    torch.manual_seed(0)
-    return RevMViT(**args)
 
 
 def test_output_shape_matches_outputs_on_padded_sizes():

@@ -3,29 +3,12 @@
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from test_engine import rel_err
+from helpers import rel_err, tiny_rev_vit
 from torch import nn
 
 from rev_det.modeling.attention import attention_with_rel_pos, rel_pos_table
 from rev_det.modeling.rev_vit import RevViT
 from rev_det.utils.memory import MemoryTracker
-
-
-def tiny_rev_vit(depth=4, dim=32, heads=2, **kw):
-    args = dict(
-        img_size=64,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=heads,
-        drop_path_rate=0.2,
-        use_rel_pos=True,
-        window_size=3,
-        window_block_indexes=tuple(i for i in range(depth) if i % 2 == 0),
-        pretrain_img_size=64,
-    )
-    args.update(kw)
-    torch.manual_seed(0)
-    return RevViT(**args)
 
 
 # With a convolutional stem (batch-normalised, in training mode) before the reversible blocks.

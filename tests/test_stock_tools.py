@@ -14,7 +14,7 @@ import pytest
 import torch
 from detectron2.engine import DefaultTrainer
 from detectron2.solver.build import maybe_add_gradient_clipping
-from test_configs import ROOT, tiny_cfg
+from helpers import ROOT, tiny_cfg
 from torch.optim import AdamW
 
 from rev_det.data import ensure_shapes_dataset, shapes

@@ -2,86 +2,26 @@
 
 import json
 import os
-import re
-import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import (
+    DEMO_LAZY,
+    DEMO_MVIT,
+    DEMO_YAML,
+    ROOT,
+    TINY_LAZY,
+    TINY_YACS,
+    copypaste_ap,
+    run,
+)
 
-from rev_det.data import ensure_shapes_dataset
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from demo_equivalence import demo_gradients, demo_losses, relative_differences  # noqa: E402
 
-DEMO_YAML = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
-DEMO_LAZY = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.py")
-DEMO_MVIT = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.yaml")
-
-# The demo, shrunk to seconds per run: a 2-block trunk (so without the demo's pretrained one),
-# small images, few iterations.
-TINY_YACS = [
-    "MODEL.WEIGHTS", "", "MODEL.REV.STRICT_LOAD", "False",
-    "MODEL.REVVIT.EMBED_DIM", "96", "MODEL.REVVIT.DEPTH", "2",
-    "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", "[0]", "MODEL.FPN.OUT_CHANNELS", "32",
-    "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "5",
-    "SOLVER.STEPS", "(1000,)", "SOLVER.CHECKPOINT_PERIOD", "20",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "20",
-]  # fmt: skip
-TINY_LAZY = [
-    "train.init_checkpoint=''", "train.strict_load=False",
-    "model.backbone.net.embed_dim=96", "model.backbone.net.depth=2",
-    "model.backbone.net.window_block_indexes=[0]", "model.backbone.out_channels=32",
-    "dataloader.train.mapper.augmentations.0.short_edge_length=[160]",
-    "dataloader.test.mapper.augmentations.0.short_edge_length=160",
-    "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
-    "dataloader.test.num_workers=0", "optimizer.lr=0.001",
-    "lr_multiplier.scheduler.milestones=[30]", "lr_multiplier.scheduler.values=[1.0,0.1]",
-    "lr_multiplier.warmup_length=0.1", "train.checkpointer.period=20", "train.eval_period=0",
-]  # fmt: skip
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def datasets_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("datasets"))
-    ensure_shapes_dataset(root, num_train=24, num_val=6)
-    return root
-
-
-def run_entry(script, args, datasets_root):
-    """Run an entry point; returns (exit status, stdout + stderr)."""
-    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "projects", script), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-def run(script, args, datasets_root):
-    """Run an entry point that must succeed; returns its output."""
-    code, log = run_entry(script, args, datasets_root)
-    assert code == 0, log[-8000:]
-    return log
-
-
-def copypaste_ap(log):
-    """{"bbox": AP, "segm": AP} from Detectron2's 'copypaste' result lines (the last ones)."""
-    found = {}
-    for task, values in re.findall(
-        r"copypaste: Task: (\w+)\n.*copypaste: AP,.*\n.*copypaste: ([\d.,na]+)", log
-    ):
-        found[task] = float(values.split(",")[0])
-    return found
 
 
 def losses(output_dir):

@@ -2,14 +2,12 @@
 
 import itertools
 import math
-import os
 
 import pytest
 import torch
 from detectron2.engine import HookBase, SimpleTrainer
 from detectron2.modeling import build_model
-from test_configs import ROOT, fake_batch, tiny_cfg, yacs_cfg
-from test_engine import Block, make_stack
+from helpers import DEMO_MVIT, Block, fake_batch, make_stack, tiny_cfg, yacs_cfg
 from torch import nn
 
 from rev_det.modeling.rev_mvit import RevMViTBlock
@@ -17,8 +15,6 @@ from rev_det.modeling.rev_vit import RevViTBlock
 from rev_det.reversible import ReconstructionError, ReversibleBlock, ReversibleSequence
 from rev_det.solver import build_optimizer
 from rev_det.training import ReconstructionCheck, RevAMPTrainer, parse_precision
-
-DEMO_MVIT = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.yaml")
 
 
 def tiny_mvit_cfg(*opts):
