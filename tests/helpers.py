@@ -22,17 +22,17 @@ from rev_det.reversible import ReversibleBlock, ReversibleSequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YACS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "mask_rcnn_*.yaml"), recursive=True))
 LAZY = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "mask_rcnn_*.py"), recursive=True))
-DEMO = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
 DEMO_YAML = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
 DEMO_LAZY = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.py")
 DEMO_MVIT = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.yaml")
 
 # The demo, shrunk to seconds per run: a 2-block trunk (so without the demo's pretrained one),
-# small images, few iterations.
+# small images, few iterations, ViT's patch embedding (the demo's stem adds nothing they test).
 TINY_YACS = [
     "MODEL.WEIGHTS", "", "MODEL.REV.STRICT_LOAD", "False",
     "MODEL.REVVIT.EMBED_DIM", "96", "MODEL.REVVIT.DEPTH", "2",
     "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", "[0]", "MODEL.FPN.OUT_CHANNELS", "32",
+    "MODEL.REVVIT.STEM_CHANNELS", "[]",
     "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160",
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "5",
     "SOLVER.STEPS", "(1000,)", "SOLVER.CHECKPOINT_PERIOD", "20",
@@ -42,6 +42,7 @@ TINY_LAZY = [
     "train.init_checkpoint=''", "train.strict_load=False",
     "model.backbone.net.embed_dim=96", "model.backbone.net.depth=2",
     "model.backbone.net.window_block_indexes=[0]", "model.backbone.out_channels=32",
+    "model.backbone.net.stem_channels=[]",
     "dataloader.train.mapper.augmentations.0.short_edge_length=[160]",
     "dataloader.test.mapper.augmentations.0.short_edge_length=160",
     "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
@@ -63,7 +64,7 @@ def yacs_cfg(path, *opts):
 def tiny_cfg(*opts):
     """The demo config shrunk further, for fast CPU steps."""
     return yacs_cfg(
-        DEMO,
+        DEMO_YAML,
         "MODEL.REVVIT.EMBED_DIM", 48,
         "MODEL.REVVIT.DEPTH", 4,
         "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", [0, 2],

@@ -10,7 +10,7 @@ from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.fpn import FPN
-from helpers import DEMO, DEMO_MVIT, ROOT, tiny_cfg, yacs_cfg
+from helpers import DEMO_MVIT, DEMO_YAML, ROOT, tiny_cfg, yacs_cfg
 
 import rev_det
 from rev_det.checks import check_yacs_config
@@ -97,7 +97,7 @@ def handwritten_rev_mvit(cfg):
 @pytest.mark.parametrize(
     "trunk, build, handwritten, path",
     [
-        (RevViT, build_rev_vit_backbone, handwritten_rev_vit, DEMO),
+        (RevViT, build_rev_vit_backbone, handwritten_rev_vit, DEMO_YAML),
         (RevMViT, build_rev_mvit_backbone, handwritten_rev_mvit, DEMO_MVIT),
     ],
     ids=["RevViT", "RevMViT"],
@@ -179,8 +179,8 @@ def test_no_named_size_needs_every_size_key_and_a_wrong_size_names_the_valid_one
     ):
         RevMViT.from_config(default_cfg("MODEL.REVMVIT.SIZE", "XL"), RGB)
     # A custom size: SIZE "" and every size key, as the demo configs (which leave SIZE alone).
-    cfg = yacs_cfg(DEMO, "MODEL.REVVIT.SIZE", "")
-    assert RevViT.from_config(cfg, RGB) == RevViT.from_config(yacs_cfg(DEMO), RGB)
+    cfg = yacs_cfg(DEMO_YAML, "MODEL.REVVIT.SIZE", "")
+    assert RevViT.from_config(cfg, RGB) == RevViT.from_config(yacs_cfg(DEMO_YAML), RGB)
 
 
 def test_a_dumped_config_reloads_to_the_same_arguments(tmp_path):

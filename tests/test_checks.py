@@ -22,7 +22,7 @@ import torch
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.structures import BoxMode
-from helpers import DEMO, DEMO_LAZY, DEMO_MVIT, DEMO_YAML
+from helpers import DEMO_LAZY, DEMO_MVIT, DEMO_YAML
 from helpers import LAZY as LAZY_CONFIGS
 from helpers import ROOT, TINY_LAZY, TINY_YACS
 from helpers import YACS as YACS_CONFIGS
@@ -68,10 +68,12 @@ def lazy_cfg(path=DEMO_LAZY, *overrides):
 def test_depth_below_one_names_the_key(depth):
     # Without window blocks, such a trunk used to train with no blocks at all.
     with pytest.raises(ValueError, match=rf"MODEL.REVVIT.DEPTH = {depth}: .* at least 1 block"):
-        check_yacs_config(yacs_cfg(DEMO, "MODEL.REVVIT.DEPTH", depth))
+        check_yacs_config(yacs_cfg(DEMO_YAML, "MODEL.REVVIT.DEPTH", depth))
     with pytest.raises(ValueError, match=rf"MODEL.REVVIT.DEPTH = {depth}"):
         check_yacs_config(
-            yacs_cfg(DEMO, "MODEL.REVVIT.DEPTH", depth, "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", [])
+            yacs_cfg(
+                DEMO_YAML, "MODEL.REVVIT.DEPTH", depth, "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", []
+            )
         )
     with pytest.raises(ValueError, match=rf"model.backbone.net.depth = {depth}"):
         check_lazy_config(lazy_cfg(DEMO_LAZY, f"model.backbone.net.depth={depth}"))
@@ -87,11 +89,11 @@ def test_window_larger_than_the_token_grid_is_refused_before_building():
     # The demo's largest image side is 352 (INPUT.MAX_SIZE_TRAIN/TEST), padded to 384: 24
     # tokens at stride 16.
     with pytest.raises(ValueError, match=r"MODEL.REVVIT.WINDOW_SIZE = 1000 .* 24 x 24 tokens"):
-        check_yacs_config(yacs_cfg(DEMO, "MODEL.REVVIT.WINDOW_SIZE", 1000))
-    check_yacs_config(yacs_cfg(DEMO, "MODEL.REVVIT.WINDOW_SIZE", 24))  # the whole grid: fine
+        check_yacs_config(yacs_cfg(DEMO_YAML, "MODEL.REVVIT.WINDOW_SIZE", 1000))
+    check_yacs_config(yacs_cfg(DEMO_YAML, "MODEL.REVVIT.WINDOW_SIZE", 24))  # the whole grid: fine
     with pytest.raises(ValueError, match="at most 512 pixels a side .*MODEL.REV.SQUARE_PAD"):
         check_yacs_config(
-            yacs_cfg(DEMO, "MODEL.REV.SQUARE_PAD", 512, "MODEL.REVVIT.WINDOW_SIZE", 40)
+            yacs_cfg(DEMO_YAML, "MODEL.REV.SQUARE_PAD", 512, "MODEL.REVVIT.WINDOW_SIZE", 40)
         )
     with pytest.raises(ValueError, match=r"MODEL.REVMVIT.ADAPTIVE_WINDOW_SIZE = 1000 .* 96 x 96"):
         check_yacs_config(yacs_cfg(DEMO_MVIT, "MODEL.REVMVIT.ADAPTIVE_WINDOW_SIZE", 1000))
@@ -125,26 +127,26 @@ def test_largest_image_side_follows_the_resize_and_crop_augmentations():
 
 def test_window_block_indexes_and_window_size_errors_name_their_keys():
     with pytest.raises(ValueError, match=r"MODEL.REVVIT.WINDOW_BLOCK_INDEXES lists blocks \[6\]"):
-        check_yacs_config(yacs_cfg(DEMO, "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", [0, 6]))
+        check_yacs_config(yacs_cfg(DEMO_YAML, "MODEL.REVVIT.WINDOW_BLOCK_INDEXES", [0, 6]))
     with pytest.raises(ValueError, match="MODEL.REVVIT.WINDOW_SIZE = 0 but .*WINDOW_BLOCK_INDEX"):
-        check_yacs_config(yacs_cfg(DEMO, "MODEL.REVVIT.WINDOW_SIZE", 0))
+        check_yacs_config(yacs_cfg(DEMO_YAML, "MODEL.REVVIT.WINDOW_SIZE", 0))
 
 
 def test_reconstruction_period_lr_and_classes_name_their_keys():
     with pytest.raises(ValueError, match="MODEL.REV.CHECK_RECONSTRUCTION.PERIOD = -1"):
-        check_yacs_config(yacs_cfg(DEMO, "MODEL.REV.CHECK_RECONSTRUCTION.PERIOD", -1))
+        check_yacs_config(yacs_cfg(DEMO_YAML, "MODEL.REV.CHECK_RECONSTRUCTION.PERIOD", -1))
     with pytest.raises(ValueError, match="MODEL.REV.CHECK_RECONSTRUCTION.THRESHOLD = 0.0"):
-        check_yacs_config(yacs_cfg(DEMO, "MODEL.REV.CHECK_RECONSTRUCTION.THRESHOLD", 0.0))
+        check_yacs_config(yacs_cfg(DEMO_YAML, "MODEL.REV.CHECK_RECONSTRUCTION.THRESHOLD", 0.0))
     with pytest.raises(ValueError, match="train.check_reconstruction.period = -1"):
         check_lazy_config(lazy_cfg(DEMO_LAZY, "train.check_reconstruction.period=-1"))
     with pytest.raises(ValueError, match="SOLVER.BASE_LR = -0.1"):
-        check_yacs_config(yacs_cfg(DEMO, "SOLVER.BASE_LR", -0.1))
+        check_yacs_config(yacs_cfg(DEMO_YAML, "SOLVER.BASE_LR", -0.1))
     with pytest.raises(ValueError, match="optimizer.lr = nan"):
         check_lazy_config(lazy_cfg(DEMO_LAZY, "optimizer.lr=nan"))
     with pytest.raises(ValueError, match=r"milestones = \[560, 655\] .*num_updates = 100"):
         check_lazy_config(lazy_cfg(DEMO_LAZY, "train.max_iter=100"))
     with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NUM_CLASSES = 0"):
-        check_yacs_config(yacs_cfg(DEMO, "MODEL.ROI_HEADS.NUM_CLASSES", 0))
+        check_yacs_config(yacs_cfg(DEMO_YAML, "MODEL.ROI_HEADS.NUM_CLASSES", 0))
     # The hook itself, built directly, names both keys.
     from rev_det.training import ReconstructionCheck
 
@@ -450,7 +452,7 @@ def test_converter_refuses_to_overwrite_its_input(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     for output in (str(source), "in.pth", "./sub/../in.pth", "link.pth", "hard.pth"):
         args = ["--source", "vit", "--input", str(source), "--output", output]
-        assert main([*args, "--config-file", DEMO]) == 2
+        assert main([*args, "--config-file", DEMO_YAML]) == 2
         assert "is the --input file" in capsys.readouterr().err
     assert source.read_bytes() == before
 
@@ -462,14 +464,14 @@ def test_converter_names_unreadable_inputs_without_useless_advice(tmp_path, caps
     for path, match in bad.values():
         for trust in ([], ["--trust-pickle"]):
             args = ["--source", "vit", "--input", path, "--output", str(tmp_path / "o.pth")]
-            assert main([*args, "--config-file", DEMO, *trust]) == 2
+            assert main([*args, "--config-file", DEMO_YAML, *trust]) == 2
             err = capsys.readouterr().err
             assert f"--input {path}: the file" in err and "--trust-pickle" not in err, err
     # Where trusting the pickle does help, it is advised.
     pickled = tmp_path / "objects.pth"
     torch.save({"model": {"w": torch.zeros(3)}, "args": AnnotationSummary()}, pickled)
     args = ["--source", "vit", "--input", str(pickled), "--output", str(tmp_path / "o.pth")]
-    assert main([*args, "--config-file", DEMO]) == 2
+    assert main([*args, "--config-file", DEMO_YAML]) == 2
     assert "pass --trust-pickle" in capsys.readouterr().err
     assert not (tmp_path / "o.pth").exists()
 
