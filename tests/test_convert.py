@@ -732,8 +732,8 @@ def test_cli_output_loads_with_detection_checkpointer(tmp_path, config):
     converted = convert_vit(timm_vit(dim=192, depth=6, heads=3, patch=16, grid=14), trunk)
     for key, value in trunk.state_dict().items():
         if key in converted.missing:  # left at initialisation
-            # but for frozen batch-norm statistics, which Detectron2's FrozenBatchNorm2d fills
-            # with its own defaults when a checkpoint lacks them (running_var 1 - eps).
+            # but for frozen batch-norm statistics: Detectron2's FrozenBatchNorm2d starts
+            # running_var at 1 - eps and fills one a checkpoint lacks with 1.
             tol = 1e-4 if key.endswith(("running_mean", "running_var")) else 0.0
             assert torch.allclose(value, before[key], rtol=0.0, atol=tol), key
         else:
