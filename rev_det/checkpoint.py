@@ -27,9 +27,16 @@ from detectron2.utils import comm
 
 from .checks import explain_write_error
 
-__all__ = ["AtomicCheckpointer", "IterationSeeder", "atomic_open"]
+__all__ = ["AtomicCheckpointer", "IterationSeeder", "atomic_open", "is_weight"]
 
 logger = logging.getLogger(__name__)
+
+
+def is_weight(key: str) -> bool:
+    """Whether a state-dict entry is a weight a checkpoint must carry: everything but batch
+    norms' step counters (unused with a momentum; frozen batch norms have none)."""
+    return not key.endswith("num_batches_tracked")
+
 
 # The weights STRICT_LOAD requires: the trunk of GeneralizedRCNN's backbone (``net`` of rev_det's
 # pyramids, ``bottom_up`` of Detectron2's FPN), which pretrained checkpoints provide; pyramids and
@@ -144,12 +151,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if self.strict_load:
             keys = self.model.state_dict()
             required = tuple(p for p in _TRUNK_PREFIXES if any(k.startswith(p) for k in keys))
-            # A batch norm's step counter is not a weight (pretrained trunks ship without it).
             absent = [
                 key
                 for key in missing + reshaped
-                if key.startswith(required or _BACKBONE_PREFIX)
-                and not key.endswith("num_batches_tracked")
+                if key.startswith(required or _BACKBONE_PREFIX) and is_weight(key)
             ]
             if absent:
                 listed = ", ".join(absent[:10]) + (", ..." if len(absent) > 10 else "")

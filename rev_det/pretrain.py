@@ -38,7 +38,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import atomic_open
+from .checkpoint import atomic_open, is_weight
 from .data.shapes import MAX_OBJECTS, SHAPES_CATEGORIES, check_stream, draw_shapes_sample
 
 __all__ = [
@@ -431,12 +431,10 @@ def export_trunk(
     weight is then required). ``half`` stores float16 (half the size; loaded into a float32
     model the weights are exact float16 values).
     """
-    # Batch norms' step counters are not weights (with a momentum they are unused) and a frozen
-    # batch norm, as a detector holds its trunk's, has none.
     weights = {
         f"{prefix}.{name}": (t.half() if half and t.is_floating_point() else t).clone()
         for name, t in trunk.state_dict().items()
-        if not name.endswith("num_batches_tracked")
+        if is_weight(name)
     }
     with atomic_open(path) as f:
         torch.save({"model": weights, "rev_det": provenance or {}}, f)
