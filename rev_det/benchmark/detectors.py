@@ -27,7 +27,7 @@ __all__ = [
     "backbone_forward",
     "detection_forward",
     "detector_cfg",
-    "global_every",
+    "window_blocks_at",
     "saturating_objects",
     "synthetic_batch",
     "training_step",
@@ -44,9 +44,12 @@ BACKBONES = {
 MODES = ("autograd", "checkpoint", "reversible")
 
 
-def global_every(depth: int, window_block_indexes: Sequence[int]) -> int:
-    """Spacing of the global-attention blocks of a RevViT config (every k-th block is global)."""
-    return max(1, depth // max(1, depth - len(window_block_indexes)))
+def window_blocks_at(depth: int, sized: dict) -> List[int]:
+    """The window-attention blocks of a RevViT of ``depth`` blocks whose global blocks are spaced
+    as in ``sized`` (:func:`~rev_det.modeling.vit_trunk_args`): every k-th block is global."""
+    configured = sized["depth"]
+    every = max(1, configured // max(1, configured - len(sized["window_block_indexes"])))
+    return [i for i in range(depth) if i % every != every - 1]
 
 
 def detector_cfg(
@@ -74,9 +77,8 @@ def detector_cfg(
     if depth is not None:
         if not backbone.startswith("rev_vit"):
             raise SystemExit("--depth-scope step is implemented for RevViT detectors only.")
-        sized = vit_trunk_args(cfg)  # the named size with the keys the config sets
-        every = global_every(sized["depth"], sized["window_block_indexes"])
-        cfg.MODEL.REVVIT.WINDOW_BLOCK_INDEXES = [i for i in range(depth) if i % every != every - 1]
+        # From the named size with the keys the config sets.
+        cfg.MODEL.REVVIT.WINDOW_BLOCK_INDEXES = window_blocks_at(depth, vit_trunk_args(cfg))
         cfg.MODEL.REVVIT.DEPTH = depth
     return cfg
 

@@ -9,7 +9,7 @@ import torch
 
 from rev_det.modeling import RevViT, vit_trunk_args
 
-from ..detectors import MODES, Detection, backbone_forward, global_every
+from ..detectors import MODES, Detection, backbone_forward, window_blocks_at
 from ..measure import Row, budgeted, measure, param_mib
 from ..report import label, markdown_section, plot, series
 from .section import Section
@@ -20,7 +20,6 @@ __all__ = ["DEPTH", "depth_fits", "trunk_model"]
 def trunk_model(det: Detection, depth: int, backprop: str) -> RevViT:
     """A RevViT trunk of the configured width and attention layout, with ``depth`` blocks."""
     c = vit_trunk_args(det.cfg(backprop, "reversible"))
-    every = global_every(c["depth"], c["window_block_indexes"])
     return RevViT(
         img_size=det.args.size,
         embed_dim=c["embed_dim"],
@@ -28,7 +27,7 @@ def trunk_model(det: Detection, depth: int, backprop: str) -> RevViT:
         num_heads=c["num_heads"],
         use_rel_pos=c["use_rel_pos"],
         window_size=c["window_size"],
-        window_block_indexes=[i for i in range(depth) if i % every != every - 1],
+        window_block_indexes=window_blocks_at(depth, c),
         pretrain_img_size=c["pretrain_img_size"],
         backprop=backprop,
     ).to(det.args.device)
