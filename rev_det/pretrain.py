@@ -45,6 +45,7 @@ __all__ = [
     "PretrainSchedule",
     "ShapesSegmentation",
     "ShapesPretrainHead",
+    "build_head",
     "detector_trunk",
     "export_trunk",
     "pretrain",
@@ -312,12 +313,16 @@ def pretrain(
     log_period: int = 20,
     num_workers: int = 1,
     head: Optional[nn.Module] = None,
+    init: Optional[str] = None,
 ) -> Dict[str, float]:
     """Train ``trunk`` (and a dense head) on ``dataset``; state in ``output_dir``.
 
     Every ``checkpoint_period`` steps and at the end the trunk, head, optimizer and step are
     written atomically to ``output_dir/pretrain_last.pth``; ``resume=True`` continues from it
-    (the schedule must equal the saved one). Progress is logged every ``log_period`` steps with
+    (the schedule must equal the saved one). ``init``, the ``pretrain_last.pth`` of an earlier
+    run, makes a new run a further stage of that one: it starts from that run's trunk and head
+    weights, with a fresh optimizer and its own ``schedule`` (a resumed run ignores it: its
+    state already holds those weights). Progress is logged every ``log_period`` steps with
     the running loss, the accuracy of the object classification and the remaining time.
 
     Returns:
@@ -353,6 +358,16 @@ def pretrain(
         raise FileExistsError(
             f"{state_path} exists: pass resume=True (--resume) to continue that run, or use "
             "another output directory."
+        )
+    elif init is not None:
+        state = torch.load(init, map_location="cpu", weights_only=True)
+        trunk.load_state_dict(state["trunk"])
+        head.load_state_dict(state["head"])
+        logger.info(
+            "Starting from the trunk and head of %s (a run with schedule %s, at step %d)",
+            init,
+            state["schedule"],
+            state["iteration"],
         )
 
     def save(step: int):

@@ -21,6 +21,7 @@ from rev_det.pretrain import (
     PretrainSchedule,
     ShapesPretrainHead,
     ShapesSegmentation,
+    build_head,
     detector_trunk,
     pretrain,
 )
@@ -146,6 +147,27 @@ def test_pretraining_resumes_exactly_and_refuses_a_changed_schedule(tmp_path):
         pretrain(_tiny_trunk(), data, schedule, out, num_workers=0)
     with pytest.raises(ValueError, match="need 16"):
         pretrain(_tiny_trunk(), data, PretrainSchedule(iterations=8, batch_size=2), out)
+
+
+def test_a_further_stage_starts_from_the_earlier_runs_trunk_and_head(tmp_path):
+    data = ShapesSegmentation(8, 64, MEAN, STD, scales=(64,))
+    first = _tiny_trunk()
+    schedule = PretrainSchedule(iterations=2, batch_size=2, lr=1e-3, warmup=1, crop=64)
+    pretrain(first, data, schedule, str(tmp_path / "first"), num_workers=0)
+    state = torch.load(tmp_path / "first" / "pretrain_last.pth", weights_only=True)
+
+    # With a learning rate too small to move a weight, the stage ends where the first run did.
+    still = PretrainSchedule(iterations=1, batch_size=2, lr=1e-20, warmup=0, crop=64, seed=1)
+    stage = _tiny_trunk(seed=123)
+    head = build_head(stage)
+    init = str(tmp_path / "first" / "pretrain_last.pth")
+    pretrain(stage, data, still, str(tmp_path / "stage"), num_workers=0, head=head, init=init)
+    # (Parameters only: the stem's batch-norm statistics move in any training forward.)
+    for (name, a), b in zip(first.named_parameters(), stage.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+    for name, value in head.named_parameters():
+        torch.testing.assert_close(value, state["head"][name], rtol=0, atol=1e-12, msg=name)
+    assert torch.load(tmp_path / "stage" / "pretrain_last.pth")["schedule"]["seed"] == 1
 
 
 def test_pretrain_tool_exports_a_trunk_that_loads_strictly_into_the_detector(tmp_path):

@@ -11,7 +11,8 @@ Example (the demo's pretrained trunk, rev_det/model_zoo/weights/rev_vit_demo_tru
     python tools/pretrain_trunk.py --config-file configs/demo/mask_rcnn_rev_vit_demo.yaml \\
         --output-dir output/pretrain_demo --export rev_vit_demo_trunk.pth --half
 
-``--resume`` continues an interrupted run in ``--output-dir`` exactly where it stopped.
+``--resume`` continues an interrupted run in ``--output-dir`` exactly where it stopped;
+``--init OTHER_RUN/pretrain_last.pth`` starts a further stage from another run's weights.
 """
 
 import argparse
@@ -48,6 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--export", help="write the pretrained trunk here when training ends")
     p.add_argument("--half", action="store_true", help="export float16 weights (half the size)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    p.add_argument(
+        "--init",
+        help="start from the trunk and head of an earlier run (its pretrain_last.pth): a further "
+        "stage with this run's schedule; give it another --seed to see new images",
+    )
     p.add_argument("--iterations", type=int, default=defaults.iterations)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
@@ -109,12 +115,14 @@ def main(argv=None) -> dict:
         checkpoint_period=args.checkpoint_period,
         log_period=args.log_period,
         num_workers=args.num_workers,
+        init=args.init,
     )
     if args.export:
         provenance = {
             "command": " ".join(["python", "tools/pretrain_trunk.py", *sys.argv[1:]]),
             "config_file": args.config_file,
             "schedule": vars(schedule),
+            "init": args.init,
             "final_loss": result["loss"],
             "final_object_accuracy": result["accuracy"],
             "seconds_this_run": round(result["seconds"], 1),
