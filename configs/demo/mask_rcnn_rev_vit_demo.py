@@ -77,10 +77,10 @@ dataloader.test.num_workers = 1
 
 train = model_zoo.get_config("common/train.py").train
 train.device = "cpu"
-train.max_iter = 700
+train.max_iter = 640
 train.amp.enabled = False
 train.seed = 42
-train.checkpointer.period = 350
+train.checkpointer.period = 320
 train.output_dir = "output/demo_lazy"
 # The demo's pretrained trunk (rev_det.model_zoo checks its sha256); every trunk weight required.
 train.init_checkpoint = "rev_det://demo/rev_vit_demo_trunk.pth"
@@ -88,5 +88,5 @@ train.strict_load = True
 
 optimizer.lr = 4e-4
 optimizer.weight_decay = 0.05
-lr_multiplier.scheduler.milestones = [560, 655]
+lr_multiplier.scheduler.milestones = [512, 597]
 lr_multiplier.warmup_length = 50 / train.max_iter

@@ -34,15 +34,18 @@ class WeightFile:
 
 WEIGHTS: Dict[str, WeightFile] = {
     # The demo's RevViT trunk (convolutional stem, embed 192, depth 6), pretrained by dense shape
-    # segmentation and object classification on the shapes generator's "pretrain" stream (1500
-    # steps of 16 images, 59 min on a 2-core AMD EPYC shared with other jobs); its batch-norm
-    # step counters dropped; docs/pretrained_trunk.md has its run and numbers.
+    # segmentation and object classification on the shapes generator's "pretrain" stream in two
+    # stages of 1500 steps of 16 images (59 + 44 min on a 2-core AMD EPYC); docs/pretrained_trunk.md
+    # has its runs and numbers.
     "demo/rev_vit_demo_trunk.pth": WeightFile(
         file="rev_vit_demo_trunk.pth",
-        sha256="7ff5478a1fa8682ffe2ddc23aa2ea6896f687da274cdc57b924c5899644cc177",
+        sha256="5b299a9b34c5568a089621a257d75fb77a172f13be871169aa565f5a85f6cc79",
         command=(
             "python tools/pretrain_trunk.py --config-file configs/demo/mask_rcnn_rev_vit_demo.yaml "
-            "--output-dir output/pretrain_demo --iterations 1500 --warmup 100 "
+            "--output-dir output/pretrain_demo --iterations 1500 --warmup 100 && "
+            "python tools/pretrain_trunk.py --config-file configs/demo/mask_rcnn_rev_vit_demo.yaml "
+            "--output-dir output/pretrain_demo_2 --init output/pretrain_demo/pretrain_last.pth "
+            "--seed 1 --iterations 1500 --lr 5e-4 --warmup 50 "
             "--export rev_det/model_zoo/weights/rev_vit_demo_trunk.pth --half"
         ),
     ),
