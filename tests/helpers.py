@@ -203,11 +203,15 @@ def copypaste_ap(log):
     return found
 
 
-def load_entry_point(name):
-    """projects/<name>.py imported as a module (its main() not run)."""
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "projects", f"{name}.py")
-    )
+def load_script(folder, name):
+    """<folder>/<name>.py of the repository (projects/, tools/: not packages) as a module, its
+    main() not run."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_entry_point(name):
+    """projects/<name>.py imported as a module (its main() not run)."""
+    return load_script("projects", name)

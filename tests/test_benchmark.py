@@ -1,30 +1,17 @@
 """rev_det.benchmark and its command line tools/benchmark.py on tiny models: every mode in the
 tables, memory ordering, flat depth."""
 
-import importlib.util
 import os
 
 import detectron2.modeling
 import pytest
+from helpers import load_script
 
 from rev_det.benchmark import MODES, SECTIONS, GiB, MemoryBudget, budgeted, largest_batch
 from rev_det.benchmark.sections.classification import marginal_per_image
 from rev_det.benchmark.sections.speed import SpeedRun, speed_runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _command_line():
-    """tools/benchmark.py as a module: the command line whose options and output are tested."""
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_cli", os.path.join(ROOT, "tools", "benchmark.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _command_line()
+cli = load_script("tools", "benchmark")  # the command line whose options and output are tested
 
 TINY = [
     "MODEL.REVVIT.EMBED_DIM", "96", "MODEL.REVVIT.NUM_HEADS", "3", "MODEL.REVVIT.DEPTH", "8",

@@ -6,7 +6,6 @@ output files. The entry points are run end to end where only they can show it (s
 """
 
 import errno
-import importlib.util
 import io
 import json
 import logging
@@ -26,7 +25,7 @@ from helpers import DEMO_LAZY, DEMO_MVIT, DEMO_YAML
 from helpers import LAZY as LAZY_CONFIGS
 from helpers import ROOT, TINY_LAZY, TINY_YACS
 from helpers import YACS as YACS_CONFIGS
-from helpers import load_entry_point, run_entry, tiny_cfg, yacs_cfg
+from helpers import load_entry_point, load_script, run_entry, tiny_cfg, yacs_cfg
 from PIL import Image
 
 from rev_det.checkpoint import atomic_open
@@ -51,7 +50,6 @@ from rev_det.data import build_resumable_train_loader
 from rev_det.reversible import ReconstructionError
 
 DEMO_MVIT_LAZY = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_mvit_demo.py")
-TOOL = os.path.join(ROOT, "tools", "convert_pretrained.py")
 
 
 def lazy_cfg(path=DEMO_LAZY, *overrides):
@@ -436,10 +434,7 @@ def test_divergence_names_the_iteration_and_what_to_change():
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_pretrained", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools", "convert_pretrained")
 
 
 def test_converter_refuses_to_overwrite_its_input(tmp_path, monkeypatch, capsys):

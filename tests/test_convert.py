@@ -8,7 +8,6 @@ compares, where the semantics coincide, rev_det's computation with a reference w
 from the source layout.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import load_script
 
 from rev_det.convert import (
     Conversion,
@@ -669,11 +669,7 @@ def test_trunk_prefix_follows_the_built_model():
 
 
 def load_tool():
-    """tools/convert_pretrained.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("convert_pretrained", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools", "convert_pretrained")
 
 
 def demo_vit_checkpoint(path):

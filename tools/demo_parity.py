@@ -6,7 +6,8 @@ Fine-tunes the demo config (pretrained trunk) once per (backprop, pyramid, seed)
 and measures the peak training memory per image of one step of that configuration (exact CPU
 tracker, as ``tools/demo_report.py``). Writes ``results.json`` and ``results.md`` (a table with
 the mean and spread over seeds) into ``--out``. A run whose ``metrics.json`` already holds the
-final AP is not trained again, so an interrupted comparison continues where it stopped.
+final AP is not trained again, so an interrupted comparison continues where it stopped;
+``--no-train`` tabulates only the runs already there (a comparison still in progress).
 
 Example (docs/demo.md)::
 
@@ -67,11 +68,23 @@ def step_memory(config_file: str, opts: List[str], batch_size: int = 2) -> float
     return training_step_peak(model, batch) / batch_size / MiB
 
 
-def run(config_file: str, backprop: str, pyramid: str, seed: int, out: str, extra: List[str]):
+def run(
+    config_file: str,
+    backprop: str,
+    pyramid: str,
+    seed: int,
+    out: str,
+    extra: List[str],
+    train: bool = True,
+) -> Optional[dict]:
+    """One run's result; trained first unless it exists (None if it does not and not ``train``)."""
     output_dir = os.path.join(out, f"{backprop}_{pyramid}_seed{seed}")
     opts = ["MODEL.REV.BACKPROP", backprop, "MODEL.REV.PYRAMID", pyramid, *extra]
     ap = final_ap(output_dir)
     seconds = None
+    if ap is None and not train:
+        print(f"not tabulated: {output_dir} has no final AP yet", flush=True)
+        return None
     if ap is None:
         began = time.perf_counter()
         cmd = [sys.executable, os.path.join(ROOT, "projects", "train_net.py")]
@@ -122,14 +135,18 @@ def main(argv=None):
     parser.add_argument("--config-file", default=DEMO_CONFIG)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     parser.add_argument("--out", default=os.path.join(ROOT, "output", "demo_parity"))
+    parser.add_argument(
+        "--no-train", action="store_true", help="tabulate only the runs already in --out"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     runs = [
-        run(args.config_file, backprop, pyramid, seed, args.out, args.opts)
+        run(args.config_file, backprop, pyramid, seed, args.out, args.opts, not args.no_train)
         for seed in args.seeds
         for backprop, pyramid in VARIANTS
     ]
+    runs = [r for r in runs if r is not None]
     text = table(runs)
     write_results(
         args.out, text + "\n", {"config": args.config_file, "machine": machine(), "runs": runs}
