@@ -303,6 +303,14 @@ def _losses(head, features, batch) -> Tuple[torch.Tensor, int, int]:
     return loss, 0, 0
 
 
+def _load_weights(path: str, trunk: nn.Module, head: nn.Module) -> dict:
+    """Load a run state's trunk and head weights; the whole state is returned."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    trunk.load_state_dict(state["trunk"])
+    head.load_state_dict(state["head"])
+    return state
+
+
 def pretrain(
     trunk: nn.Module,
     dataset: ShapesSegmentation,
@@ -341,15 +349,13 @@ def pretrain(
     state_path = os.path.join(output_dir, _STATE_FILE)
     start = 0
     if resume and os.path.isfile(state_path):
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = _load_weights(state_path, trunk, head)
         if state["schedule"] != asdict(schedule):
             raise ValueError(
                 f"{state_path} was written by a run with schedule {state['schedule']}, not "
                 f"{asdict(schedule)}: resume with the same settings, or use another output "
                 "directory."
             )
-        trunk.load_state_dict(state["trunk"])
-        head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["iteration"]
@@ -360,9 +366,7 @@ def pretrain(
             "another output directory."
         )
     elif init is not None:
-        state = torch.load(init, map_location="cpu", weights_only=True)
-        trunk.load_state_dict(state["trunk"])
-        head.load_state_dict(state["head"])
+        state = _load_weights(init, trunk, head)
         logger.info(
             "Starting from the trunk and head of %s (a run with schedule %s, at step %d)",
             init,
