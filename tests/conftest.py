@@ -1,7 +1,12 @@
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from rev_det.data import SHAPES_DATASETS, ensure_shapes_dataset, register_shapes_datasets
+from rev_det.data import (
+    SHAPES_DATASETS,
+    SHAPES_TEST_DATASET,
+    ensure_shapes_dataset,
+    register_shapes_datasets,
+)
 
 
 @pytest.fixture
@@ -9,7 +14,7 @@ def shapes_registered(tmp_path):
     """Register the shapes datasets at tmp_path; restore the default registration afterwards."""
 
     def unregister():
-        for name in SHAPES_DATASETS:
+        for name in SHAPES_DATASETS + (SHAPES_TEST_DATASET,):
             if name in DatasetCatalog.list():
                 DatasetCatalog.remove(name)
             if name in MetadataCatalog.list():

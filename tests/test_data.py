@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 from rev_det.data import (
     SHAPES_CATEGORIES,
     SHAPES_DATASETS,
+    SHAPES_TEST_DATASET,
     ensure_shapes_dataset,
     register_shapes_datasets,
     shapes,
@@ -205,7 +206,7 @@ def test_first_catalog_get_generates_the_dataset(shapes_registered, monkeypatch)
     with open(os.path.join(dataset_dir, "val", "000000.jpg"), "wb") as f:
         f.write(b"not a jpeg")
     assert len(DatasetCatalog.get(SHAPES_DATASETS[1])) == 2
-    assert shapes._cache_problem(dataset_dir, shapes._params(3, 2, 0)) is None
+    assert shapes._cache_problem(dataset_dir, shapes._params({"train": 3, "val": 2}, 0)) is None
     assert os.listdir(shapes_registered) == ["revdet_shapes"]  # a read-only root would do
 
 
@@ -241,7 +242,7 @@ def test_processes_loading_at_once_generate_the_dataset_once(
     assert sorted(queue.get(timeout=5) for _ in children) == [4, 4, 4]
     assert generated.read_text() == "++"  # train and val, once
     dataset_dir = os.path.join(shapes_registered, "revdet_shapes")
-    assert shapes._cache_problem(dataset_dir, shapes._params(4, 2, 0)) is None
+    assert shapes._cache_problem(dataset_dir, shapes._params({"train": 4, "val": 2}, 0)) is None
 
 
 def test_ground_truth_scores_100_ap_in_coco_evaluator(shapes_registered, tmp_path):
@@ -278,3 +279,38 @@ def test_unspecified_size_reuses_an_intact_cache_of_any_size(tmp_path):
     before = os.stat(manifest).st_mtime_ns
     assert ensure_shapes_dataset(root) == dataset_dir  # e.g. train_net.py on a test-sized cache
     assert os.stat(manifest).st_mtime_ns == before
+
+
+def test_the_test_set_is_another_stream_cached_and_registered(shapes_registered, monkeypatch):
+    monkeypatch.setattr(shapes, "SHAPES_TEST_SIZE", 4)
+    root = shapes_registered
+    meta = MetadataCatalog.get(SHAPES_TEST_DATASET)
+    test_dir = os.path.join(root, "revdet_shapes_test")
+    assert meta.json_file == os.path.join(test_dir, "annotations", "instances_test.json")
+    assert meta.evaluator_type == "coco" and meta.thing_classes == CATEGORY_NAMES
+    assert not os.path.exists(test_dir)  # registering generates nothing
+
+    test = DatasetCatalog.get(SHAPES_TEST_DATASET)
+    assert len(test) == 4 and all(d["annotations"] for d in test)
+    assert not os.path.exists(os.path.join(root, "revdet_shapes"))  # only what was asked for
+    # Drawn from its own stream: no image is one of the validation images.
+    val_dir = ensure_shapes_dataset(root, num_train=1, num_val=4)
+    val = file_digests(os.path.join(val_dir, "val"))
+    assert not set(file_digests(os.path.join(test_dir, "test")).values()) & set(val.values())
+
+    # Cached: a second use generates nothing; a corrupt file is regenerated.
+    monkeypatch.setattr(shapes, "_generate_split", lambda *a: pytest.fail("regenerated"))
+    assert len(DatasetCatalog.get(SHAPES_TEST_DATASET)) == 4
+    monkeypatch.undo()
+    monkeypatch.setattr(shapes, "SHAPES_TEST_SIZE", 4)
+    with open(os.path.join(test_dir, "test", "000001.jpg"), "wb") as f:
+        f.write(b"not a jpeg")
+    assert len(DatasetCatalog.get(SHAPES_TEST_DATASET)) == 4
+    assert shapes._cache_problem(test_dir, shapes._params({"test": 4}, 0)) is None
+
+
+def test_a_stream_never_reuses_the_dataset_splits(tmp_path):
+    for split in ("train", "val"):
+        with pytest.raises(ValueError, match="is a split of the revdet_shapes datasets"):
+            shapes.ensure_shapes_stream(split, 2, str(tmp_path))
+    assert not os.listdir(tmp_path)

@@ -1,9 +1,15 @@
-"""tools/demo_parity.py: it tabulates finished runs and, with --no-train, trains none."""
+"""tools/demo_parity.py: it tabulates finished runs and, with --no-train, trains none; it
+evaluates each finished run on the test set once."""
 
 import json
 from types import SimpleNamespace
 
-from helpers import load_script
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from helpers import DEMO_YAML, load_script, yacs_cfg
+
+from rev_det.data import SHAPES_TEST_DATASET, shapes
 
 parity = load_script("tools", "demo_parity")
 
@@ -27,5 +33,22 @@ def test_no_train_tabulates_the_finished_runs_only(tmp_path, monkeypatch, capsys
     assert runs[0]["mib_per_image"] > 0  # measured, not read from the run
     assert "autograd_simple_seed42 has no final AP yet" in capsys.readouterr().out
     table = (tmp_path / "results.md").read_text()
-    assert "| reversible + reversible | 41.2 | 37.5 |" in table
+    # No final weights in the folder: not evaluated on the test set.
+    assert "| reversible + reversible | - | - | 41.2: 41.2 (0.0) | 37.5: 37.5 (0.0) |" in table
     assert "autograd + simple" not in table
+
+
+def test_a_finished_run_is_evaluated_on_the_test_set_once(shapes_registered, tmp_path, monkeypatch):
+    monkeypatch.setattr(shapes, "SHAPES_TEST_SIZE", 3)
+    opts = ["MODEL.REV.BACKPROP", "autograd", "MODEL.REV.PYRAMID", "simple"]
+    torch.manual_seed(0)
+    model = parity.Trainer.build_model(yacs_cfg(DEMO_YAML, *opts))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"model": model.state_dict()}, run_dir / "model_final.pth")
+
+    ap = parity.test_ap(DEMO_YAML, opts, str(run_dir))
+    assert set(ap) == {"bbox", "segm"} and all(0 <= v <= 100 for v in ap.values())
+    assert len(DatasetCatalog.get(SHAPES_TEST_DATASET)) == 3  # what it was evaluated on
+    monkeypatch.setattr(parity.Trainer, "test", lambda *a: pytest.fail("evaluated again"))
+    assert parity.test_ap(DEMO_YAML, opts, str(run_dir)) == ap

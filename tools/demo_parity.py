@@ -2,18 +2,26 @@
 """Accuracy parity of the demo recipe: reversible vs ordinary autograd, with run-to-run noise.
 
 Fine-tunes the demo config (pretrained trunk) once per (backprop, pyramid, seed) through
-``projects/train_net.py``, reads each run's final COCO box / mask AP from its ``metrics.json``
-and measures the peak training memory per image of one step of that configuration (exact CPU
+``projects/train_net.py``, reads each run's final COCO box / mask AP on ``revdet_shapes_val``
+from its ``metrics.json``, evaluates its final weights on ``revdet_shapes_test`` (600 held-out
+images: on the 100 validation images two models' AP differs by a few points by luck alone) and
+measures the peak training memory per image of one step of that configuration (exact CPU
 tracker, as ``tools/demo_report.py``). Writes ``results.json`` and ``results.md`` (a table with
 the mean and spread over seeds) into ``--out``. A run whose ``metrics.json`` already holds the
-final AP is not trained again, so an interrupted comparison continues where it stopped;
-``--no-train`` tabulates only the runs already there (a comparison still in progress).
+final AP is not trained again, nor evaluated again once its ``test_ap.json`` exists, so an
+interrupted comparison continues where it stopped; ``--no-train`` tabulates only the runs
+already there (a comparison still in progress).
+
+The variants separate the two things rev_det changes: the backprop mode (reversible against
+autograd on the same architecture) and the pyramid (rev_det's reversible one against ViTDet's
+simple one).
 
 Example (docs/demo.md)::
 
     python tools/demo_parity.py --seeds 42 43 --out benchmarks/demo_parity
 
-It takes one ``make demo`` training per run (4 runs with two seeds); it is not part of CI.
+It takes one ``make demo`` training and two minutes of test-set evaluation per run (8 runs with
+two seeds); it is not part of CI.
 """
 
 import argparse
@@ -30,14 +38,21 @@ from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.modeling import build_model
 
 import rev_det
-from rev_det.data import prepare_datasets
+from rev_det.data import SHAPES_TEST_DATASET, prepare_datasets
+from rev_det.trainer import Trainer, load_weights
 from rev_det.utils import MiB, machine, training_step_peak, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vit_demo.yaml")
-# (MODEL.REV.BACKPROP, MODEL.REV.PYRAMID): rev_det's model, and the same trunk with stored
-# activations and ViTDet's pyramid: what a user would otherwise train.
-VARIANTS = (("reversible", "reversible"), ("autograd", "simple"))
+# (MODEL.REV.BACKPROP, MODEL.REV.PYRAMID): rev_det's model; the same model with stored
+# activations; the trunk with ViTDet's pyramid, reversible and with stored activations (what a
+# user would otherwise train).
+VARIANTS = (
+    ("reversible", "reversible"),
+    ("autograd", "reversible"),
+    ("reversible", "simple"),
+    ("autograd", "simple"),
+)
 
 
 def final_ap(output_dir: str) -> Optional[Dict[str, float]]:
@@ -53,6 +68,31 @@ def final_ap(output_dir: str) -> Optional[Dict[str, float]]:
                 if f"{task}/AP" in record:
                     found[task] = record[f"{task}/AP"]
     return found if len(found) == 2 else None
+
+
+def test_ap(config_file: str, opts: List[str], output_dir: str) -> Optional[Dict[str, float]]:
+    """Box and mask AP of the run's final weights on ``revdet_shapes_test`` (cached in
+    ``output_dir/test_ap.json``), or None if the run has no final weights."""
+    cached = os.path.join(output_dir, "test_ap.json")
+    if os.path.isfile(cached):
+        with open(cached) as f:
+            return json.load(f)
+    weights = os.path.join(output_dir, "model_final.pth")
+    if not os.path.isfile(weights):
+        return None
+    cfg = get_cfg()
+    rev_det.add_revdet_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts + ["DATASETS.TEST", (SHAPES_TEST_DATASET,)])
+    cfg.merge_from_list(["OUTPUT_DIR", os.path.join(output_dir, "test_eval")])
+    prepare_datasets(cfg.DATASETS.TEST)
+    model = Trainer.build_model(cfg)
+    load_weights(model, cfg.OUTPUT_DIR, weights, strict_load=True, resume=False)
+    results = Trainer.test(cfg, model)
+    ap = {task: results[task]["AP"] for task in ("bbox", "segm")}
+    with open(cached, "w") as f:
+        json.dump(ap, f)
+    return ap
 
 
 def step_memory(config_file: str, opts: List[str], batch_size: int = 2) -> float:
@@ -95,38 +135,53 @@ def run(
         ap = final_ap(output_dir)
         if ap is None:
             raise RuntimeError(f"{output_dir}/metrics.json has no final bbox/segm AP.")
+    test = test_ap(config_file, opts, output_dir)
+    if test is None:
+        print(f"not evaluated on {SHAPES_TEST_DATASET}: {output_dir} has no model_final.pth")
     return {
         "backprop": backprop,
         "pyramid": pyramid,
         "seed": seed,
         "box_ap": ap["bbox"],
         "mask_ap": ap["segm"],
+        "test_box_ap": test and test["bbox"],
+        "test_mask_ap": test and test["segm"],
         "train_and_eval_seconds": seconds,
         "mib_per_image": step_memory(config_file, opts),
         "output_dir": os.path.relpath(output_dir, ROOT),
     }
 
 
+def _stat(values: List[float]) -> str:
+    """Values per seed, then their mean and (spread)."""
+    if not values:
+        return "-"
+    per_seed = " / ".join(f"{v:.1f}" for v in values)
+    return f"{per_seed}: {sum(values) / len(values):.1f} ({max(values) - min(values):.1f})"
+
+
 def table(runs: List[dict]) -> str:
     lines = [
-        "| backprop + pyramid | box AP per seed | mask AP per seed | box AP mean (spread) |"
-        " mask AP mean (spread) | MiB per image (one step) |",
+        "| backprop + pyramid | test box AP | test mask AP | val box AP | val mask AP |"
+        " MiB per image (one step) |",
         "|---|---|---|---|---|---|",
     ]
     for backprop, pyramid in VARIANTS:
         rs = [r for r in runs if (r["backprop"], r["pyramid"]) == (backprop, pyramid)]
         if not rs:
             continue
-        box, mask = [r["box_ap"] for r in rs], [r["mask_ap"] for r in rs]
-
-        def stat(v):
-            return f"{sum(v) / len(v):.1f} ({max(v) - min(v):.1f})"
-
+        cells = [
+            _stat([r[key] for r in rs if r[key] is not None])
+            for key in ("test_box_ap", "test_mask_ap", "box_ap", "mask_ap")
+        ]
         lines.append(
-            f"| {backprop} + {pyramid} | {' / '.join(f'{b:.1f}' for b in box)} | "
-            f"{' / '.join(f'{m:.1f}' for m in mask)} | {stat(box)} | {stat(mask)} | "
-            f"{rs[0]['mib_per_image']:.1f} |"
+            f"| {backprop} + {pyramid} | {' | '.join(cells)} | {rs[0]['mib_per_image']:.1f} |"
         )
+    lines.append("")
+    lines.append(
+        f"AP per seed: mean (spread). test: {SHAPES_TEST_DATASET} (600 images); val: "
+        "revdet_shapes_val (100 images, the demo's evaluation)."
+    )
     return "\n".join(lines)
 
 

@@ -2,23 +2,31 @@
 
 from typing import Iterable
 
+from detectron2.data import DatasetCatalog
+
 from .samplers import ResumableBatchSampler, ResumableTrainLoader, build_resumable_train_loader
 from .shapes import (
     SHAPES_CATEGORIES,
     SHAPES_DATASETS,
+    SHAPES_TEST_DATASET,
+    SHAPES_TEST_SIZE,
     draw_shapes_sample,
     ensure_shapes_dataset,
+    ensure_shapes_stream,
     register_shapes_datasets,
 )
 
 __all__ = [
     "SHAPES_CATEGORIES",
     "SHAPES_DATASETS",
+    "SHAPES_TEST_DATASET",
+    "SHAPES_TEST_SIZE",
     "ResumableBatchSampler",
     "ResumableTrainLoader",
     "build_resumable_train_loader",
     "draw_shapes_sample",
     "ensure_shapes_dataset",
+    "ensure_shapes_stream",
     "prepare_datasets",
     "register_shapes_datasets",
 ]
@@ -30,10 +38,12 @@ def prepare_datasets(names: Iterable[str]) -> None:
     In distributed training the first process of each machine generates and the others wait,
     so that no process reads a half-written cache.
     """
-    if not any(name in SHAPES_DATASETS for name in names):
+    names = [name for name in names if name in SHAPES_DATASETS + (SHAPES_TEST_DATASET,)]
+    if not names:
         return
     import detectron2.utils.comm as comm
 
     if comm.get_local_rank() == 0:
-        ensure_shapes_dataset()
+        for name in names:
+            DatasetCatalog.get(name)  # its loader generates what is missing
     comm.synchronize()

@@ -20,6 +20,9 @@ Layout under ``<root>/revdet_shapes/`` (``root`` defaults to ``$DETECTRON2_DATAS
     annotations/instances_val.json
     MANIFEST.json       written last; generator version, seed, sizes, sha256 of every file
 
+``revdet_shapes_test`` (600 images of the stream "test", drawn alike; for comparisons that need
+more than the 100 validation images) has the same layout under ``<root>/revdet_shapes_test/``.
+
 Every image is drawn from its own ``numpy.random.default_rng((seed, split, index))`` stream,
 so the same seed reproduces the same bytes.
 """
@@ -35,7 +38,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -50,9 +53,12 @@ __all__ = [
     "MAX_OBJECTS",
     "SHAPES_CATEGORIES",
     "SHAPES_DATASETS",
+    "SHAPES_TEST_DATASET",
+    "SHAPES_TEST_SIZE",
     "check_stream",
     "draw_shapes_sample",
     "ensure_shapes_dataset",
+    "ensure_shapes_stream",
     "register_shapes_datasets",
     "shapes_dataset_dir",
 ]
@@ -71,6 +77,10 @@ SHAPES_CATEGORIES = [
     {"id": 6, "name": "hexagon"},
 ]
 SHAPES_DATASETS = ("revdet_shapes_train", "revdet_shapes_val")
+# A larger held-out set, for comparisons that the 100 validation images cannot settle.
+SHAPES_TEST_DATASET = "revdet_shapes_test"
+SHAPES_TEST_SIZE = 600
+_TEST_STREAM = "test"
 _SPLITS = ("train", "val")
 _DIR_NAME = "revdet_shapes"
 _MANIFEST = "MANIFEST.json"
@@ -400,12 +410,8 @@ def _generate_split(
 # ---------------------------------------------------------------------------------------------
 
 
-def _params(num_train: int, num_val: int, seed: int) -> dict:
-    return {
-        "generator_version": GENERATOR_VERSION,
-        "seed": seed,
-        "num_images": {"train": num_train, "val": num_val},
-    }
+def _params(sizes: Dict[str, Optional[int]], seed: int) -> dict:
+    return {"generator_version": GENERATOR_VERSION, "seed": seed, "num_images": dict(sizes)}
 
 
 def _cache_problem(dataset_dir: str, params: dict) -> Optional[str]:
@@ -463,25 +469,32 @@ def ensure_shapes_dataset(
     Returns:
         The dataset directory, ``<root>/revdet_shapes``.
     """
+    any_size = num_train is None or num_val is None
+    num_train = DEFAULT_SIZES["train"] if num_train is None else num_train
+    num_val = DEFAULT_SIZES["val"] if num_val is None else num_val
     dataset_dir = shapes_dataset_dir(root)
-    problem = _cache_problem(dataset_dir, _params(num_train, num_val, seed))
+    _ensure(dataset_dir, {"train": num_train, "val": num_val}, seed, any_size=any_size)
+    return dataset_dir
+
+
+def _ensure(dataset_dir: str, sizes: Dict[str, int], seed: int, any_size: bool = False) -> None:
+    """Generate the splits ``sizes`` ({split or stream: images}) into ``dataset_dir`` unless an
+    intact cache of them is there (of any size if ``any_size``)."""
+    requested = {k: None for k in sizes} if any_size else sizes
+    problem = _cache_problem(dataset_dir, _params(requested, seed))
     if problem is None:
-        logger.info("Using the cached revdet_shapes dataset in %s", dataset_dir)
-        return dataset_dir
+        logger.info("Using the cached revdet_shapes images in %s", dataset_dir)
+        return
     if os.path.exists(dataset_dir):
         logger.warning("Regenerating revdet_shapes in %s: %s", dataset_dir, problem)
         shutil.rmtree(dataset_dir)
     else:
-        logger.info("Generating the revdet_shapes dataset in %s", dataset_dir)
-
-    num_train = DEFAULT_SIZES["train"] if num_train is None else num_train
-    num_val = DEFAULT_SIZES["val"] if num_val is None else num_val
-    params = _params(num_train, num_val, seed)
+        logger.info("Generating the revdet_shapes images in %s", dataset_dir)
     files: Dict[str, Tuple[int, str]] = {}
-    for split, num_images in zip(_SPLITS, (num_train, num_val)):
+    for split, num_images in sizes.items():
         files.update(_generate_split(dataset_dir, split, num_images, seed))
     manifest = dict(
-        params,
+        _params(sizes, seed),
         files={rel: {"size": size, "sha256": sha} for rel, (size, sha) in sorted(files.items())},
     )
     # Written last and atomically: its presence means every other file was written completely.
@@ -489,16 +502,47 @@ def ensure_shapes_dataset(
     with open(tmp_path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     os.replace(tmp_path, os.path.join(dataset_dir, _MANIFEST))
-    return dataset_dir
+
+
+def ensure_shapes_stream(
+    stream: str, num_images: int, root: Optional[str] = None, seed: int = 0
+) -> Tuple[str, str]:
+    """Make sure ``num_images`` images of another stream of the generator exist, in COCO format.
+
+    E.g. a test set larger than ``revdet_shapes_val`` (100 images, where two models' AP can
+    differ by a few points by luck): :data:`SHAPES_TEST_DATASET` is 600 images of the stream
+    "test". The images are drawn exactly as the dataset's (:func:`draw_shapes_sample`) and
+    cached and checked as :func:`ensure_shapes_dataset` does, in ``<root>/revdet_shapes_<stream>/``
+    (``annotations/instances_<stream>.json`` and ``<stream>/``).
+
+    Args:
+        stream: name of the image stream; "train" and "val" are refused.
+        num_images: number of images.
+        root: Datasets root; defaults to ``$DETECTRON2_DATASETS`` or ``datasets``.
+        seed: base seed, as for :func:`ensure_shapes_dataset`.
+
+    Returns:
+        ``(json_file, image_root)``.
+    """
+    check_stream(stream)
+    dataset_dir = _stream_dir(root, stream)
+    _ensure(dataset_dir, {stream: num_images}, seed)
+    return _split_paths(dataset_dir, stream)
+
+
+def _stream_dir(root: Optional[str], stream: str) -> str:
+    return f"{shapes_dataset_dir(root)}_{stream}"
 
 
 def register_shapes_datasets(root: Optional[str] = None) -> None:
-    """Register ``revdet_shapes_train`` / ``revdet_shapes_val`` as COCO-format datasets.
+    """Register ``revdet_shapes_train`` / ``revdet_shapes_val`` / ``revdet_shapes_test`` as
+    COCO-format datasets.
 
     Nothing is generated or read at registration (this runs at ``import rev_det``): the first
-    ``DatasetCatalog.get`` of either name generates the dataset if its cache is missing or
-    corrupt (:func:`ensure_shapes_dataset`), then reads it with Detectron2's ``load_coco_json``,
-    so stock Detectron2 tools use it after ``import rev_det`` alone. Its masks are COCO RLE:
+    ``DatasetCatalog.get`` of a name generates its images if their cache is missing or corrupt
+    (:func:`ensure_shapes_dataset`; for the test set, 600 images of another stream,
+    :func:`ensure_shapes_stream`), then reads them with Detectron2's ``load_coco_json``,
+    so stock Detectron2 tools use them after ``import rev_det`` alone. Their masks are COCO RLE:
     Detectron2's mapper needs ``INPUT.MASK_FORMAT "bitmask"`` (LazyConfig:
     ``dataloader.train.mapper.instance_mask_format="bitmask"``); the metadata cannot set it
     because the mapper reads it from the config only. Names that are already registered are
@@ -511,28 +555,39 @@ def register_shapes_datasets(root: Optional[str] = None) -> None:
     # Resolved once, so the loader and the metadata (read by COCOEvaluator) name the same files.
     root = os.path.dirname(dataset_dir)
     for name, split in zip(SHAPES_DATASETS, _SPLITS):
-        if name in DatasetCatalog.list():
-            continue
-        json_file, image_root = _split_paths(dataset_dir, split)
-        DatasetCatalog.register(name, functools.partial(_load_split, root, name, split))
-        # What register_coco_instances records, plus the values load_coco_json derives from the
-        # json, set now so that the Visualizer and evaluators can use them before the first load.
-        MetadataCatalog.get(name).set(
-            json_file=json_file,
-            image_root=image_root,
-            evaluator_type="coco",
-            thing_classes=[c["name"] for c in SHAPES_CATEGORIES],
-            thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(SHAPES_CATEGORIES)},
-            thing_colors=list(_THING_COLORS),
-        )
+        ensure = functools.partial(ensure_shapes_dataset, root)
+        _register(name, ensure, root, _split_paths(dataset_dir, split))
+    test_paths = _split_paths(_stream_dir(root, _TEST_STREAM), _TEST_STREAM)
+    _register(SHAPES_TEST_DATASET, functools.partial(_ensure_test_set, root), root, test_paths)
 
 
-def _load_split(root: str, name: str, split: str) -> List[dict]:
-    """DatasetCatalog loader of one split: generate the dataset if needed, then read it."""
+def _ensure_test_set(root: str) -> None:
+    ensure_shapes_stream(_TEST_STREAM, SHAPES_TEST_SIZE, root)
+
+
+def _register(name: str, ensure: Callable[[], object], root: str, paths: Tuple[str, str]) -> None:
+    """Register ``name``, whose images ``ensure()`` generates if needed, at ``paths``."""
+    if name in DatasetCatalog.list():
+        return
+    json_file, image_root = paths
+    DatasetCatalog.register(name, functools.partial(_load, root, name, ensure, paths))
+    # What register_coco_instances records, plus the values load_coco_json derives from the
+    # json, set now so that the Visualizer and evaluators can use them before the first load.
+    MetadataCatalog.get(name).set(
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="coco",
+        thing_classes=[c["name"] for c in SHAPES_CATEGORIES],
+        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(SHAPES_CATEGORIES)},
+        thing_colors=list(_THING_COLORS),
+    )
+
+
+def _load(root: str, name: str, ensure: Callable[[], object], paths: Tuple[str, str]) -> List[dict]:
+    """DatasetCatalog loader: generate the images if needed, then read them."""
     with _generation_lock(root):
-        dataset_dir = ensure_shapes_dataset(root)
-    json_file, image_root = _split_paths(dataset_dir, split)
-    return load_coco_json(json_file, image_root, name)
+        ensure()
+    return load_coco_json(*paths, name)
 
 
 @contextlib.contextmanager
