@@ -13,6 +13,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
+from helpers import DEMO_YAML, yacs_cfg
 from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
@@ -22,6 +23,7 @@ from rev_det.data import (
     SHAPES_DATASETS,
     SHAPES_TEST_DATASET,
     ensure_shapes_dataset,
+    fixed_training_batch,
     register_shapes_datasets,
     shapes,
 )
@@ -314,3 +316,18 @@ def test_a_stream_never_reuses_the_dataset_splits(tmp_path):
         with pytest.raises(ValueError, match="is a split of the revdet_shapes datasets"):
             shapes.ensure_shapes_stream(split, 2, str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_fixed_training_batch_is_the_same_batch_every_time(shapes_registered):
+    ensure_shapes_dataset(shapes_registered, num_train=3, num_val=1)
+    cfg = yacs_cfg(DEMO_YAML)
+    np.random.seed(5)
+    expected_next = np.random.rand()
+    np.random.seed(5)
+    first = fixed_training_batch(cfg, 2)
+    assert np.random.rand() == expected_next  # numpy's global RNG is left as it was
+    second = fixed_training_batch(cfg, 2)
+    assert [d["file_name"] for d in first] == [d["file_name"] for d in second]
+    assert len(first) == 2 and all(d["instances"].has("gt_masks") for d in first)
+    for a, b in zip(first, second):
+        assert torch.equal(a["image"], b["image"])

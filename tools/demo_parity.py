@@ -34,11 +34,10 @@ from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.modeling import build_model
 
 import rev_det
-from rev_det.data import SHAPES_TEST_DATASET, prepare_datasets
+from rev_det.data import SHAPES_TEST_DATASET, fixed_training_batch, prepare_datasets
 from rev_det.trainer import Trainer, load_weights
 from rev_det.utils import MiB, machine, training_step_peak, write_results
 
@@ -96,13 +95,13 @@ def test_ap(config_file: str, opts: List[str], output_dir: str) -> Optional[Dict
 
 
 def step_memory(config_file: str, opts: List[str], batch_size: int = 2) -> float:
-    """Peak MiB per image of one training step (activations and gradients)."""
+    """Peak MiB per image of one training step (activations and gradients), on the same images
+    for every run."""
     cfg = get_cfg()
     rev_det.add_revdet_config(cfg)
     cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts + ["SOLVER.IMS_PER_BATCH", batch_size, "DATALOADER.NUM_WORKERS", 0])
-    prepare_datasets(cfg.DATASETS.TRAIN)
-    batch = next(iter(build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, True))))
+    cfg.merge_from_list(opts)
+    batch = fixed_training_batch(cfg, batch_size)
     torch.manual_seed(0)
     model = build_model(cfg)
     return training_step_peak(model, batch) / batch_size / MiB

@@ -23,12 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import (  # noqa: E402
-    DatasetCatalog,
-    DatasetMapper,
-    MetadataCatalog,
-    build_detection_train_loader,
-)
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -36,7 +31,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import rev_det  # noqa: E402
-from rev_det.data import prepare_datasets  # noqa: E402
+from rev_det.data import fixed_training_batch, prepare_datasets  # noqa: E402
 from rev_det.modeling import set_backprop  # noqa: E402
 from rev_det.utils import MiB, training_step_peak  # noqa: E402
 
@@ -110,11 +105,7 @@ def prediction_grid(cfg, output_dir, num_images=8, columns=4, cell=320):
 
 def memory_report(cfg, output_dir, batch_size=2):
     """Peak memory of one training step per backprop mode, same weights and same batch."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.SOLVER.IMS_PER_BATCH = batch_size
-    cfg.DATALOADER.NUM_WORKERS = 0
-    batch = next(iter(build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, True))))
+    batch = fixed_training_batch(cfg, batch_size)
     torch.manual_seed(0)
     model = build_model(cfg)
     results = {}

@@ -1,8 +1,9 @@
 """Datasets shipped with rev_det: the synthetic COCO-format ``revdet_shapes``."""
 
-from typing import Iterable
+from typing import Iterable, List
 
-from detectron2.data import DatasetCatalog
+import numpy as np
+from detectron2.data import DatasetCatalog, DatasetMapper
 
 from .samplers import ResumableBatchSampler, ResumableTrainLoader, build_resumable_train_loader
 from .shapes import (
@@ -27,6 +28,7 @@ __all__ = [
     "draw_shapes_sample",
     "ensure_shapes_dataset",
     "ensure_shapes_stream",
+    "fixed_training_batch",
     "prepare_datasets",
     "register_shapes_datasets",
 ]
@@ -47,3 +49,18 @@ def prepare_datasets(names: Iterable[str]) -> None:
         for name in names:
             DatasetCatalog.get(name)  # its loader generates what is missing
     comm.synchronize()
+
+
+def fixed_training_batch(cfg, num_images: int, seed: int = 0) -> List[dict]:
+    """The first ``num_images`` images of ``cfg.DATASETS.TRAIN[0]`` through Detectron2's training
+    mapper, its random augmentation seeded: the same batch in every process, so that
+    measurements of different runs (e.g. memory per image) compare like with like."""
+    prepare_datasets(cfg.DATASETS.TRAIN[:1])
+    dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:num_images]
+    mapper = DatasetMapper(cfg, is_train=True)
+    state = np.random.get_state()  # Detectron2's augmentations draw from numpy's global RNG
+    np.random.seed(seed)
+    try:
+        return [mapper(d) for d in dicts]
+    finally:
+        np.random.set_state(state)
