@@ -33,12 +33,10 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-import rev_det
-from rev_det.data import SHAPES_TEST_DATASET, fixed_training_batch, prepare_datasets
-from rev_det.trainer import Trainer, load_weights
+from rev_det.data import SHAPES_TEST_DATASET, fixed_training_batch
+from rev_det.trainer import Trainer, load_weights, load_yacs_config
 from rev_det.utils import MiB, machine, training_step_peak, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,6 +67,10 @@ def final_ap(output_dir: str) -> Optional[Dict[str, float]]:
     return found if len(found) == 2 else None
 
 
+def _cfg(config_file: str, opts: List[str]):
+    return load_yacs_config(argparse.Namespace(config_file=config_file, opts=opts))
+
+
 def test_ap(config_file: str, opts: List[str], output_dir: str) -> Optional[Dict[str, float]]:
     """Box and mask AP of the run's final weights on ``revdet_shapes_test`` (cached in
     ``output_dir/test_ap.json``), or None if the run has no final weights."""
@@ -79,15 +81,13 @@ def test_ap(config_file: str, opts: List[str], output_dir: str) -> Optional[Dict
     weights = os.path.join(output_dir, "model_final.pth")
     if not os.path.isfile(weights):
         return None
-    cfg = get_cfg()
-    rev_det.add_revdet_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts + ["DATASETS.TEST", (SHAPES_TEST_DATASET,)])
-    cfg.merge_from_list(["OUTPUT_DIR", os.path.join(output_dir, "test_eval")])
-    prepare_datasets(cfg.DATASETS.TEST)
+    test_dir = os.path.join(output_dir, "test_eval")
+    cfg = _cfg(
+        config_file, opts + ["DATASETS.TEST", f'("{SHAPES_TEST_DATASET}",)', "OUTPUT_DIR", test_dir]
+    )
     model = Trainer.build_model(cfg)
     load_weights(model, cfg.OUTPUT_DIR, weights, strict_load=True, resume=False)
-    results = Trainer.test(cfg, model)
+    results = Trainer.test(cfg, model)  # the dataset's loader generates the images if needed
     ap = {task: results[task]["AP"] for task in ("bbox", "segm")}
     with open(cached, "w") as f:
         json.dump(ap, f)
@@ -97,10 +97,7 @@ def test_ap(config_file: str, opts: List[str], output_dir: str) -> Optional[Dict
 def step_memory(config_file: str, opts: List[str], batch_size: int = 2) -> float:
     """Peak MiB per image of one training step (activations and gradients), on the same images
     for every run."""
-    cfg = get_cfg()
-    rev_det.add_revdet_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = _cfg(config_file, opts)
     batch = fixed_training_batch(cfg, batch_size)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -146,7 +143,6 @@ def run(
         "test_box_ap": test and test["bbox"],
         "test_mask_ap": test and test["segm"],
         "train_and_eval_seconds": seconds,
-        "mib_per_image": step_memory(config_file, opts),
         "output_dir": os.path.relpath(output_dir, ROOT),
     }
 
@@ -201,6 +197,14 @@ def main(argv=None):
         for backprop, pyramid in VARIANTS
     ]
     runs = [r for r in runs if r is not None]
+    # The same for every seed of a variant (one fixed batch): measured once per variant.
+    memory = {}
+    for r in runs:
+        variant = (r["backprop"], r["pyramid"])
+        if variant not in memory:
+            opts = ["MODEL.REV.BACKPROP", variant[0], "MODEL.REV.PYRAMID", variant[1], *args.opts]
+            memory[variant] = step_memory(args.config_file, opts)
+        r["mib_per_image"] = memory[variant]
     text = table(runs)
     write_results(
         args.out, text + "\n", {"config": args.config_file, "machine": machine(), "runs": runs}

@@ -55,8 +55,7 @@ def fixed_training_batch(cfg, num_images: int, seed: int = 0) -> List[dict]:
     """The first ``num_images`` images of ``cfg.DATASETS.TRAIN[0]`` through Detectron2's training
     mapper, its random augmentation seeded: the same batch in every process, so that
     measurements of different runs (e.g. memory per image) compare like with like."""
-    prepare_datasets(cfg.DATASETS.TRAIN[:1])
-    dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:num_images]
+    dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:num_images]  # generated if need be
     mapper = DatasetMapper(cfg, is_train=True)
     state = np.random.get_state()  # Detectron2's augmentations draw from numpy's global RNG
     np.random.seed(seed)

@@ -554,8 +554,8 @@ def register_shapes_datasets(root: Optional[str] = None) -> None:
     dataset_dir = shapes_dataset_dir(root)
     # Resolved once, so the loader and the metadata (read by COCOEvaluator) name the same files.
     root = os.path.dirname(dataset_dir)
+    ensure = functools.partial(ensure_shapes_dataset, root)
     for name, split in zip(SHAPES_DATASETS, _SPLITS):
-        ensure = functools.partial(ensure_shapes_dataset, root)
         _register(name, ensure, root, _split_paths(dataset_dir, split))
     test_paths = _split_paths(_stream_dir(root, _TEST_STREAM), _TEST_STREAM)
     _register(SHAPES_TEST_DATASET, functools.partial(_ensure_test_set, root), root, test_paths)
