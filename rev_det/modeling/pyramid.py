@@ -7,7 +7,7 @@
 
 import logging
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,38 @@ class _PyramidBase(Backbone):
         return dict(zip(self._out_features, results))
 
 
+def _resampling(scale: float, dim: int, out_channels: int, norm) -> List[nn.Module]:
+    """ViTDet's resampling of a ``dim``-channel map by ``scale``, then a 1x1 conv to
+    ``out_channels`` + norm: the part of a pyramid level that both adapters share.
+
+    4 -> ConvTranspose(dim, dim/2) + norm + GELU + ConvTranspose(dim/2, dim/4);
+    2 -> ConvTranspose(dim, dim/2); 1 -> nothing; 0.5 -> MaxPool 2; 0.25 -> MaxPool 4.
+    """
+    _check_scale(scale)
+    if scale == 4.0:
+        layers = [
+            nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
+            get_norm(norm, dim // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2),
+        ]
+        width = dim // 4
+    elif scale == 2.0:
+        layers, width = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2
+    elif scale == 1.0:
+        layers, width = [], dim
+    else:
+        factor = int(1 / scale)
+        layers, width = [nn.MaxPool2d(factor, stride=factor)], dim
+    layers.append(Conv2d(width, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels)))
+    return layers
+
+
+def _reduce(dim: int, width: int, norm) -> nn.Module:
+    """The 1x1 conv + norm that takes a two-stream trunk's fused map to ``width`` channels."""
+    return Conv2d(dim, width, 1, bias=not norm, norm=get_norm(norm, width))
+
+
 class SimpleFeaturePyramid(_PyramidBase):
     """ViTDet's simple feature pyramid: deconvolutions / pooling from one single-scale map.
 
@@ -143,28 +175,12 @@ class SimpleFeaturePyramid(_PyramidBase):
         dim = net.output_shape()[in_feature].channels
         self.reduce = None
         if width is not None and width != dim:
-            self.reduce = Conv2d(dim, width, 1, bias=not norm, norm=get_norm(norm, width))
+            self.reduce = _reduce(dim, width, norm)
             dim = width
         self.stages = []
         for scale, name in zip(scale_factors, self._out_features):
-            _check_scale(scale)
-            if scale == 4.0:
-                layers = [
-                    nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
-                    get_norm(norm, dim // 2),
-                    nn.GELU(),
-                    nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2),
-                ]
-                width = dim // 4
-            elif scale == 2.0:
-                layers, width = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2
-            elif scale == 1.0:
-                layers, width = [], dim
-            else:
-                factor = int(1 / scale)
-                layers, width = [nn.MaxPool2d(factor, stride=factor)], dim
-            layers += [
-                Conv2d(width, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels)),
+            layers = _resampling(scale, dim, out_channels, norm)
+            layers.append(
                 Conv2d(
                     out_channels,
                     out_channels,
@@ -172,8 +188,8 @@ class SimpleFeaturePyramid(_PyramidBase):
                     padding=1,
                     bias=not norm,
                     norm=get_norm(norm, out_channels),
-                ),
-            ]
+                )
+            )
             stage = nn.Sequential(*layers)
             self.add_module(f"simfp_{name[1:]}", stage)
             self.stages.append(stage)
@@ -201,74 +217,55 @@ class _Coupling(ReversibleBlock):
 
 
 class _Level(nn.Module):
-    """One pyramid level from the trunk's two streams (see ReversibleFeaturePyramid)."""
+    """One pyramid level from the reduced trunk map (see ReversibleFeaturePyramid)."""
 
     def __init__(self, scale: float, dim: int, out_channels: int, num_blocks: int, norm):
         super().__init__()
         if out_channels % 2:
             raise ValueError(f"out_channels {out_channels} must be even (two coupling streams).")
-        # Learned resampling of the fused 2C map in two 1x1 convs: first to D channels at the
-        # trunk's resolution, then a 1x1 conv to s^2 D and a depth-to-space (together a
-        # transposed conv with kernel = stride = s, as ViTDet's deconvolutions), or a
-        # space-to-depth and a 1x1 conv for downsampling. Going through D first (a rank-D
-        # factorisation of one 2C -> s^2 D conv) costs 2C D + s^2 D^2 instead of 2C s^2 D per
-        # trunk position: 4.4x less for p2 of a ViT-B.
-        _check_scale(scale)
-        layers = [nn.Conv2d(2 * dim, out_channels, 1)]
-        if scale > 1.0:
-            factor = int(scale)
-            layers += [
-                nn.Conv2d(out_channels, out_channels * factor * factor, 1),
-                nn.PixelShuffle(factor),
-            ]
-        elif scale < 1.0:
-            factor = int(1 / scale)
-            layers += [
-                nn.PixelUnshuffle(factor),
-                nn.Conv2d(out_channels * factor * factor, out_channels, 1),
-            ]
-        self.resample = nn.Sequential(*layers)
-        self.resample_norm = get_norm(norm, out_channels)
+        self.resample = nn.Sequential(*_resampling(scale, dim, out_channels, norm))
         # Not "blocks": layer-wise lr decay reads "blocks.{i}" as trunk depth.
         self.couplings = nn.ModuleList(
             _Coupling(out_channels // 2, norm) for _ in range(num_blocks)
         )
         self.norm = get_norm(norm, out_channels)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, fuse, backprop: str) -> torch.Tensor:
-        # The trunk's fusion (concat + LayerNorm) normalises the streams; recomputed per level
-        # rather than stored, since it is cheap at the trunk's resolution.
-        x = self.resample_norm(self.resample(fuse(x1, x2)))
-        y1, y2 = reversible_sequence(list(self.couplings), *x.chunk(2, dim=1), backprop=backprop)
+    def forward(self, x: torch.Tensor, backprop: str) -> torch.Tensor:
+        h = self.resample(x)
+        y1, y2 = reversible_sequence(list(self.couplings), *h.chunk(2, dim=1), backprop=backprop)
         return self.norm(torch.cat([y1, y2], dim=1))
 
 
 class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
     """A p2-p6 pyramid whose internal activations are rebuilt or recomputed in backward.
 
-    It takes the trunk's two streams (``net.forward_streams``), not their fusion. Per level::
+    ViTDet's simple pyramid with its 3x3 conv replaced by additive coupling blocks, on the
+    trunk's two streams (``net.forward_streams``). Per level::
 
-        x1, x2 (C, trunk stride t)   kept anyway: the trunk's reversible output
-          | the trunk's fusion: concat + LayerNorm over 2C           (recomputed)
-          | 1x1 conv to D; then 1x1 conv to s^2 D + depth-to-space   (recomputed)
-          |   (s = 4, 2), or space-to-depth + 1x1 conv to D (s = 0.5, 0.25); norm
+        x1, x2 (C each, trunk stride t)   kept anyway: the trunk's reversible output
+          | the trunk's fusion (concat + LayerNorm), 1x1 conv to W + norm   (recomputed)
+          | ViTDet's resampling (deconvolutions / max pooling),             (recomputed)
+          |   1x1 conv to D + norm
         h (D channels, stride t / s)
-          | two halves -> N additive coupling blocks               (invertible: rebuilt)
+          | two halves -> N additive coupling blocks                        (invertible: rebuilt)
           |   y1 = h1 + F(h2), y2 = h2 + G(y1);  F, G = norm + 3x3 conv + GELU
-          | concat, norm                                           (recomputed)
-        p_level (D channels)         kept: the heads need it
+          | concat, norm                                                    (recomputed)
+        p_level (D channels)              kept: the heads need it
 
     In "reversible" and "checkpoint" modes every level is one recomputed unit
     (``torch.utils.checkpoint``): between forward and backward it keeps nothing but its output,
     since its input is the trunk's output, which the trunk keeps. When the level is re-run in
-    backward, its coupling blocks run through the reversible engine, so that working set too
+    backward, its coupling blocks run through the reversible engine, so that their working set
     stays at one block. Levels are recomputed one at a time. p6 is ``top_block`` on p5. In
-    "autograd" mode the same architecture stores every activation (the fair baseline).
+    "autograd" mode the same architecture stores every activation (the fair baseline), and the
+    fusion and reduction run once for all levels.
 
     Args:
         net: the trunk, a :class:`TwoStreamTrunk` (``forward_streams``, ``fuse``,
             ``backprop``).
-        out_channels: channels of every output level (even).
+        width: channels the resampling starts from (W); None: the stream width C, which makes
+            the resampling cost what ViTDet's costs on a ViT of that width.
+        out_channels: channels of every output level (D, even).
         scale_factors: resampling per level (trunk stride / level stride); None: p2-p5, i.e.
             (4, 2, 1, 0.5) on a stride-16 trunk, (2, 1, 0.5, 0.25) on a stride-8 one.
         num_blocks: coupling blocks per level.
@@ -282,6 +279,7 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
     def __init__(
         self,
         net: Backbone,
+        width: Optional[int] = None,
         out_channels: int = 256,
         scale_factors: Optional[Sequence[float]] = None,
         num_blocks: int = 2,
@@ -298,9 +296,10 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
             )
         self.net = net
         scale_factors = self._init_outputs(net, scale_factors, out_channels, top_block, square_pad)
-        dim = net.stream_channels
+        width = width or net.stream_channels
+        self.reduce = _reduce(2 * net.stream_channels, width, norm)
         self.levels = nn.ModuleList(
-            _Level(s, dim, out_channels, num_blocks, norm) for s in scale_factors
+            _Level(s, width, out_channels, num_blocks, norm) for s in scale_factors
         )
         self._backprop = None if backprop is None else check_backprop(backprop)
 
@@ -313,15 +312,21 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
     def backprop(self, mode: str):
         self._backprop = check_backprop(mode)
 
+    def _level(self, level: _Level, x1: torch.Tensor, x2: torch.Tensor, mode: str):
+        return level(self.reduce(self.net.fuse(x1, x2)), mode)
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x1, x2 = self.net.forward_streams(self._pad_to_square(x))
-        mode, recompute, fuse = self.backprop, self.recomputes(), self.net.fuse
-        results = [
-            (
-                checkpoint(level, x1, x2, fuse, mode, use_reentrant=False)
-                if recompute
-                else level(x1, x2, fuse, mode)
-            )
-            for level in self.levels
-        ]
+        mode = self.backprop
+        if self.recomputes():
+            # Each level re-runs the fusion and reduction rather than keeping their output till
+            # backward: they are cheap at the trunk's resolution, and keeping r would raise the
+            # step's peak (by 12 MiB, ViT-B at 1024x1024).
+            results = [
+                checkpoint(self._level, level, x1, x2, mode, use_reentrant=False)
+                for level in self.levels
+            ]
+        else:
+            r = self.reduce(self.net.fuse(x1, x2))
+            results = [level(r, mode) for level in self.levels]
         return self._with_top_block(results)
