@@ -9,6 +9,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.structures import ImageList
 
 from rev_det.modeling import ReversibleFeaturePyramid, SimpleFeaturePyramid, set_backprop
+from rev_det.utils import MemoryTracker
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
 from pyramid_memory import FixedStreams, measure  # noqa: E402
@@ -40,6 +41,32 @@ def test_reversible_pyramid_stores_under_a_quarter_of_the_simple_one():
     simple, _ = measure(SimpleFeaturePyramid(FixedStreams(x1, x2, "autograd"), **common))
     rev, _ = measure(ReversibleFeaturePyramid(FixedStreams(x1, x2, "reversible"), **common))
     assert rev <= simple / 4, (rev, simple)
+
+
+def test_reversible_pyramid_keeps_nothing_but_its_outputs_till_backward():
+    """Not even the reduced trunk map that every level starts from: each level re-runs it."""
+    x1, x2 = streams(dim=96, n=32, requires_grad=True)
+    pyramid = ReversibleFeaturePyramid(FixedStreams(x1, x2, "reversible"), out_channels=64)
+    pyramid.train().requires_grad_(False)
+    with MemoryTracker() as mem:
+        outputs = pyramid(None)
+        stored = mem.current
+    assert stored == sum(o.numel() * o.element_size() for o in outputs.values())
+    assert set(outputs) == {"p2", "p3", "p4", "p5"}
+
+
+def test_reversible_pyramid_resamples_as_the_simple_one():
+    """ViTDet's pyramid with the 3x3 conv replaced by couplings: same resampling per level."""
+    x1, x2 = streams()
+    simple = SimpleFeaturePyramid(FixedStreams(x1, x2, "autograd"), width=96, out_channels=32)
+    rev = ReversibleFeaturePyramid(FixedStreams(x1, x2, "reversible"), out_channels=32)
+    for stage, level in zip(simple.stages, rev.levels, strict=True):
+        shapes = [[tuple(p.shape) for p in m.parameters()] for m in stage[:-1]]
+        assert [[tuple(p.shape) for p in m.parameters()] for m in level.resample] == shapes
+        assert [type(m) for m in level.resample] == [type(m) for m in stage[:-1]]
+    assert [p.shape for p in rev.reduce.parameters()] == [
+        p.shape for p in simple.reduce.parameters()
+    ]
 
 
 def test_inference_uses_no_recomputation(monkeypatch):
