@@ -230,8 +230,7 @@ class _Level(nn.Module):
         )
         self.norm = get_norm(norm, out_channels)
 
-    def forward(self, x: torch.Tensor, backprop: str) -> torch.Tensor:
-        h = self.resample(x)
+    def forward(self, h: torch.Tensor, backprop: str) -> torch.Tensor:
         y1, y2 = reversible_sequence(list(self.couplings), *h.chunk(2, dim=1), backprop=backprop)
         return self.norm(torch.cat([y1, y2], dim=1))
 
@@ -255,10 +254,10 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
     In "reversible" and "checkpoint" modes every level is one recomputed unit
     (``torch.utils.checkpoint``): between forward and backward it keeps nothing but its output,
     since its input is the trunk's output, which the trunk keeps. When the level is re-run in
-    backward, its coupling blocks run through the reversible engine, so that their working set
-    stays at one block. Levels are recomputed one at a time. p6 is ``top_block`` on p5. In
-    "autograd" mode the same architecture stores every activation (the fair baseline), and the
-    fusion and reduction run once for all levels.
+    backward, its resampling is a recomputed unit of its own (only h is kept while the rest of
+    the level runs backward) and its coupling blocks run through the reversible engine, so that
+    the working sets do not add up. Levels are recomputed one at a time. p6 is ``top_block`` on p5. In
+    "autograd" mode the same architecture stores every activation (the fair baseline).
 
     Args:
         net: the trunk, a :class:`TwoStreamTrunk` (``forward_streams``, ``fuse``,
@@ -312,21 +311,29 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
     def backprop(self, mode: str):
         self._backprop = check_backprop(mode)
 
+    def _resampled(self, level: _Level, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return level.resample(self.reduce(self.net.fuse(x1, x2)))
+
     def _level(self, level: _Level, x1: torch.Tensor, x2: torch.Tensor, mode: str):
-        return level(self.reduce(self.net.fuse(x1, x2)), mode)
+        if self.recomputes():
+            h = checkpoint(self._resampled, level, x1, x2, use_reentrant=False)
+        else:
+            h = self._resampled(level, x1, x2)
+        return level(h, mode)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x1, x2 = self.net.forward_streams(self._pad_to_square(x))
         mode = self.backprop
-        if self.recomputes():
-            # Each level re-runs the fusion and reduction rather than keeping their output till
-            # backward: they are cheap at the trunk's resolution, and keeping r would raise the
-            # step's peak (by 12 MiB, ViT-B at 1024x1024).
-            results = [
+        # Each level re-runs the fusion and reduction rather than keeping their output till
+        # backward: they are cheap at the trunk's resolution, and keeping r would raise the
+        # step's peak (by 12 MiB, ViT-B at 1024x1024). "autograd" runs the same operations, so
+        # that "checkpoint" gives its gradients bit for bit.
+        results = [
+            (
                 checkpoint(self._level, level, x1, x2, mode, use_reentrant=False)
-                for level in self.levels
-            ]
-        else:
-            r = self.reduce(self.net.fuse(x1, x2))
-            results = [level(r, mode) for level in self.levels]
+                if self.recomputes()
+                else self._level(level, x1, x2, mode)
+            )
+            for level in self.levels
+        ]
         return self._with_top_block(results)
