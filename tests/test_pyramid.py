@@ -70,12 +70,12 @@ def test_reversible_pyramid_resamples_as_the_simple_one():
 
 
 def test_inference_uses_no_recomputation(monkeypatch):
-    import rev_det.modeling.pyramid as pyramid_module
+    import rev_det.reversible.modes as modes
 
     def fail(*args, **kwargs):
         raise AssertionError("checkpoint used in inference")
 
-    monkeypatch.setattr(pyramid_module, "checkpoint", fail)
+    monkeypatch.setattr(modes, "checkpoint", fail)
     pyramid = ReversibleFeaturePyramid(FixedStreams(*streams(), "reversible"), out_channels=32)
     with torch.no_grad():
         outputs = pyramid.eval()(None)

@@ -6,9 +6,8 @@ import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
 from detectron2.modeling.backbone.fpn import FPN
-from torch.utils.checkpoint import checkpoint
 
-from ..reversible import BackpropModule
+from ..reversible import BackpropModule, run_recomputed
 
 __all__ = ["RecomputedFPN"]
 
@@ -81,6 +80,4 @@ class RecomputedFPN(Backbone, BackpropModule):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = self.net(x)
-        if self.recomputes():
-            return checkpoint(self.fpn, features, use_reentrant=False)
-        return self.fpn(features)
+        return run_recomputed(self.recomputes(), self.fpn, features)

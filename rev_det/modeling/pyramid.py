@@ -7,16 +7,21 @@
 
 import logging
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from detectron2.modeling import Backbone
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..reversible import BackpropModule, ReversibleBlock, check_backprop, reversible_sequence
+from ..reversible import (
+    BackpropModule,
+    ReversibleBlock,
+    check_backprop,
+    reversible_sequence,
+    run_recomputed,
+)
 from .layers import get_norm
 from .trunk import TwoStreamTrunk
 
@@ -217,7 +222,7 @@ class _Coupling(ReversibleBlock):
 
 
 class _Level(nn.Module):
-    """One pyramid level from the reduced trunk map (see ReversibleFeaturePyramid)."""
+    """One pyramid level from the trunk's streams (see ReversibleFeaturePyramid)."""
 
     def __init__(self, scale: float, dim: int, out_channels: int, num_blocks: int, norm):
         super().__init__()
@@ -230,8 +235,23 @@ class _Level(nn.Module):
         )
         self.norm = get_norm(norm, out_channels)
 
-    def forward(self, h: torch.Tensor, backprop: str) -> torch.Tensor:
-        y1, y2 = reversible_sequence(list(self.couplings), *h.chunk(2, dim=1), backprop=backprop)
+    def _resampled(self, reduced: Callable, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.resample(reduced(x1, x2))
+
+    def forward(
+        self, reduced: Callable, x1: torch.Tensor, x2: torch.Tensor, mode: str, recompute: bool
+    ) -> torch.Tensor:
+        """The level's map from the trunk's streams.
+
+        Args:
+            reduced: ``reduced(x1, x2)`` is the fused streams reduced to the resampling's width
+                (the pyramid's, shared by its levels).
+            x1, x2: the trunk's output streams.
+            mode: the coupling blocks' backprop mode.
+            recompute: run the resampling as its own recomputed unit.
+        """
+        h = run_recomputed(recompute, self._resampled, reduced, x1, x2)
+        y1, y2 = reversible_sequence(list(self.couplings), *h.chunk(2, dim=1), backprop=mode)
         return self.norm(torch.cat([y1, y2], dim=1))
 
 
@@ -311,29 +331,18 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
     def backprop(self, mode: str):
         self._backprop = check_backprop(mode)
 
-    def _resampled(self, level: _Level, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        return level.resample(self.reduce(self.net.fuse(x1, x2)))
-
-    def _level(self, level: _Level, x1: torch.Tensor, x2: torch.Tensor, mode: str):
-        if self.recomputes():
-            h = checkpoint(self._resampled, level, x1, x2, use_reentrant=False)
-        else:
-            h = self._resampled(level, x1, x2)
-        return level(h, mode)
+    def _reduced(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.net.fuse(x1, x2))
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x1, x2 = self.net.forward_streams(self._pad_to_square(x))
-        mode = self.backprop
+        mode, recompute = self.backprop, self.recomputes()
         # Each level re-runs the fusion and reduction rather than keeping their output till
-        # backward: they are cheap at the trunk's resolution, and keeping r would raise the
+        # backward: they are cheap at the trunk's resolution, and keeping it would raise the
         # step's peak (by 12 MiB, ViT-B at 1024x1024). "autograd" runs the same operations, so
         # that "checkpoint" gives its gradients bit for bit.
         results = [
-            (
-                checkpoint(self._level, level, x1, x2, mode, use_reentrant=False)
-                if self.recomputes()
-                else self._level(level, x1, x2, mode)
-            )
+            run_recomputed(recompute, level, self._reduced, x1, x2, mode, recompute)
             for level in self.levels
         ]
         return self._with_top_block(results)

@@ -8,10 +8,9 @@ import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from ..reversible import BackpropModule, ReversibleBlock, reversible_sequence
+from ..reversible import BackpropModule, ReversibleBlock, reversible_sequence, run_recomputed
 from .attention import (
     Mlp,
     attention_with_rel_pos,
@@ -553,9 +552,7 @@ class RevMViT(Backbone, BackpropModule):
         # A transition is not invertible, but its input (the fused stage output) is kept
         # anyway, so recomputing it in backward costs no memory: stored, the transitions
         # would hold most of the trunk's activations (83% at 256x256 for RevMViT-B).
-        if self.recomputes():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+        return run_recomputed(self.recomputes(), block, x)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         check_image(x, self.in_chans, self._size_divisibility, "RevMViT", "")

@@ -16,7 +16,7 @@ from .engine import (
     name_reversible_blocks,
     reversible_sequence,
 )
-from .modes import BACKPROP_MODES, BackpropModule, check_backprop
+from .modes import BACKPROP_MODES, BackpropModule, check_backprop, run_recomputed
 
 __all__ = [
     "BACKPROP_MODES",
@@ -31,4 +31,5 @@ __all__ = [
     "name_reversible_blocks",
     "record_sequence_inputs",
     "reversible_sequence",
+    "run_recomputed",
 ]

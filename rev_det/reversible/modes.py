@@ -14,13 +14,15 @@ reversible a sequence's outputs only                       rebuild inputs from o
 All three give the same gradients. :class:`BackpropModule` names the contract: a checked
 ``backprop`` property, and :meth:`BackpropModule.recomputes`, the one rule for when a mode
 other than autograd changes anything (training, with grad enabled). ``set_backprop`` and the
-DDP guard find these modules by type.
+DDP guard find these modules by type. :func:`run_recomputed` runs a non-invertible part (a
+transition, a pyramid level, an FPN) as one recomputed unit when that rule says so.
 """
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["BACKPROP_MODES", "BackpropModule", "check_backprop"]
+__all__ = ["BACKPROP_MODES", "BackpropModule", "check_backprop", "run_recomputed"]
 
 BACKPROP_MODES = ("reversible", "autograd", "checkpoint")
 
@@ -52,3 +54,12 @@ class BackpropModule(nn.Module):
         """Whether this forward should store less than autograd would: a mode other than
         "autograd", in training, with grad enabled (otherwise nothing is kept for backward)."""
         return self.backprop != "autograd" and self.training and torch.is_grad_enabled()
+
+
+def run_recomputed(recompute: bool, fn, *args):
+    """``fn(*args)``; with ``recompute`` as one recomputed unit
+    (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant): only its inputs are kept for
+    backward, where it runs again. ``recompute`` is usually :meth:`BackpropModule.recomputes`."""
+    if recompute:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
