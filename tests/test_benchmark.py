@@ -215,3 +215,24 @@ def test_speed_section_times_detectron2s_vitdet_first_where_it_exists(tmp_path):
     # The same trunk width and heads: ViTDet's autograd step and rev_det's (two streams) differ
     # by less than 2x in memory.
     assert 0.5 < peak[("autograd", "simple")] / peak[("autograd", vitdet)] < 2.0
+
+
+def test_attention_speed_methods_are_exact_in_float64():
+    """tools/attention_speed.py compares only exact methods: outputs and every gradient agree."""
+    import torch
+
+    tool = load_script("tools", "attention_speed")
+    torch.manual_seed(0)
+    grid, d = 6, 8
+    q, k, v = (torch.randn(1, 2, grid * grid, d, dtype=torch.float64) for _ in range(3))
+    tables = [torch.randn(2 * grid - 1, d, dtype=torch.float64) for _ in range(2)]
+    results = {}
+    for name in tool.methods(grid, *tables, tile=10):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v, *tables)]
+        out = tool.methods(grid, *inputs[3:], tile=10)[name](*inputs[:3])
+        out.pow(2).sum().backward()
+        results[name] = [out] + [t.grad for t in inputs]
+    assert set(results) == {"fold", "mask", "explicit", "tiled"}
+    for name, tensors in results.items():
+        for got, want in zip(tensors, results["explicit"]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
