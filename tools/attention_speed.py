@@ -28,26 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rev_det.modeling.attention import attention_with_rel_pos, rel_pos_table
+from rev_det.modeling.attention import attention_with_rel_pos, full_rel_pos_bias, rel_pos_bias
 from rev_det.utils import MemoryTracker, MiB, git_commit, machine
 
 HEADS, HEAD_DIM = 12, 64
-
-
-def decomposed_bias(q, grid, rel_pos_h, rel_pos_w):
-    """Per query, its bias towards every key row and column: (B, heads, N, H), (B, heads, N, W)."""
-    b, heads, n, d = q.shape
-    q_grid = q.reshape(b, heads, grid, grid, d)
-    rh, rw = rel_pos_table(grid, grid, rel_pos_h), rel_pos_table(grid, grid, rel_pos_w)
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rh).reshape(b, heads, n, grid)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rw).reshape(b, heads, n, grid)
-    return bias_h, bias_w
-
-
-def full_bias(bias_h, bias_w):
-    """(B, heads, Nq, H) and (B, heads, Nq, W) -> the (B, heads, Nq, H * W) bias."""
-    b, heads, n, grid = bias_h.shape
-    return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, heads, n, grid * grid)
 
 
 def methods(grid, rel_pos_h, rel_pos_w, tile):
@@ -60,15 +44,15 @@ def methods(grid, rel_pos_h, rel_pos_w, tile):
         return attention_with_rel_pos(q, k, v, hw, hw, rel_pos_h, rel_pos_w, fold=False)
 
     def explicit(q, k, v):
-        bias = full_bias(*decomposed_bias(q, grid, rel_pos_h, rel_pos_w))
+        bias = full_rel_pos_bias(*rel_pos_bias(q, hw, hw, rel_pos_h, rel_pos_w))
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias
         return scores.softmax(-1) @ v
 
     def tiled(q, k, v):
-        bias_h, bias_w = decomposed_bias(q, grid, rel_pos_h, rel_pos_w)
+        bias_h, bias_w = rel_pos_bias(q, hw, hw, rel_pos_h, rel_pos_w)
 
         def one_tile(q_tile, bias_h_tile, bias_w_tile):
-            attn_mask = full_bias(bias_h_tile, bias_w_tile)
+            attn_mask = full_rel_pos_bias(bias_h_tile, bias_w_tile)
             return F.scaled_dot_product_attention(q_tile, k, v, attn_mask=attn_mask)
 
         tiles = [
@@ -131,9 +115,7 @@ def main():
             diff = (fn(q, k, v) - reference).abs().max().item()
         fwd_bwd, fwd, peak = measure(fn, (q, k, v), (rel_pos_h, rel_pos_w), args.repeats)
         rows.append((name, fwd_bwd, fwd, fwd_bwd + fwd, peak, diff))
-        print(
-            f"{name}: fwd+bwd {fwd_bwd:.2f} s, fwd {fwd:.2f} s, peak {peak:.1f} MiB, diff {diff:.1e}"
-        )
+        print(f"{name}: fwd+bwd {fwd_bwd:.2f} s, fwd {fwd:.2f} s, {peak:.1f} MiB, diff {diff:.1e}")
 
     lines = [
         f"# Global attention with relative positions, {args.grid}x{args.grid} tokens",

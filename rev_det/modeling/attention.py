@@ -19,6 +19,8 @@ from torch import nn
 __all__ = [
     "Mlp",
     "rel_pos_table",
+    "rel_pos_bias",
+    "full_rel_pos_bias",
     "attention_with_rel_pos",
     "window_partition",
     "window_unpartition",
@@ -62,6 +64,40 @@ def rel_pos_table(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor
     return table[(q_coords - k_coords + offset).long()]
 
 
+def rel_pos_bias(
+    q: torch.Tensor,
+    q_hw: Tuple[int, int],
+    k_hw: Tuple[int, int],
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each query's decomposed relative position bias towards the key rows and columns.
+
+    Args:
+        q: (B, heads, Nq, d) queries on a grid of ``q_hw``; keys lie on a grid of ``k_hw``.
+        rel_pos_h, rel_pos_w: relative position tables (see :func:`rel_pos_table`).
+
+    Returns:
+        (B, heads, Nq, kh) and (B, heads, Nq, kw): ``q_i . Rh[h_i, row]``, ``q_i . Rw[w_i, col]``.
+    """
+    (qh, qw), (kh, kw) = q_hw, k_hw
+    b, heads, nq, d = q.shape
+    rh = rel_pos_table(qh, kh, rel_pos_h).to(q.dtype)
+    rw = rel_pos_table(qw, kw, rel_pos_w).to(q.dtype)
+    q_grid = q.reshape(b, heads, qh, qw, d)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rh).reshape(b, heads, nq, kh)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rw).reshape(b, heads, nq, kw)
+    return bias_h, bias_w
+
+
+def full_rel_pos_bias(bias_h: torch.Tensor, bias_w: torch.Tensor) -> torch.Tensor:
+    """(B, heads, Nq, kh) and (B, heads, Nq, kw) -> the (B, heads, Nq, kh * kw) bias (N x N)."""
+    b, heads, nq, kh = bias_h.shape
+    return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(
+        b, heads, nq, kh * bias_w.shape[-1]
+    )
+
+
 def attention_with_rel_pos(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,21 +121,15 @@ def attention_with_rel_pos(
     """
     if rel_pos_h is None:
         return F.scaled_dot_product_attention(q, k, v)
-    (qh, qw), (kh, kw) = q_hw, k_hw
-    b, heads, nq, d = q.shape
-    rh = rel_pos_table(qh, kh, rel_pos_h).to(q.dtype)
-    rw = rel_pos_table(qw, kw, rel_pos_w).to(q.dtype)
-    q_grid = q.reshape(b, heads, qh, qw, d)
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rh).reshape(b, heads, nq, kh)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rw).reshape(b, heads, nq, kw)
+    bias_h, bias_w = rel_pos_bias(q, q_hw, k_hw, rel_pos_h, rel_pos_w)
     if not fold:
-        mask = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, heads, nq, kh * kw)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=full_rel_pos_bias(bias_h, bias_w))
+    (kh, kw), d = k_hw, q.shape[-1]
     rows = torch.arange(kh * kw, device=q.device) // kw
     cols = torch.arange(kh * kw, device=q.device) % kw
     one_hot = torch.cat([F.one_hot(rows, kh), F.one_hot(cols, kw)], dim=1).to(q.dtype)
     q = torch.cat([q * (d**-0.5), bias_h, bias_w], dim=-1)
-    k = torch.cat([k, one_hot.expand(b, heads, -1, -1)], dim=-1)
+    k = torch.cat([k, one_hot.expand(*k.shape[:2], -1, -1)], dim=-1)
     v = F.pad(v, (0, kh + kw))  # fused kernels need one head dim for q, k and v
     return F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :d]
 

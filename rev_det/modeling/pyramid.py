@@ -276,8 +276,8 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
     since its input is the trunk's output, which the trunk keeps. When the level is re-run in
     backward, its resampling is a recomputed unit of its own (only h is kept while the rest of
     the level runs backward) and its coupling blocks run through the reversible engine, so that
-    the working sets do not add up. Levels are recomputed one at a time. p6 is ``top_block`` on p5. In
-    "autograd" mode the same architecture stores every activation (the fair baseline).
+    the working sets do not add up. Levels are recomputed one at a time. p6 is ``top_block`` on
+    p5. In "autograd" mode the same architecture stores every activation (the fair baseline).
 
     Args:
         net: the trunk, a :class:`TwoStreamTrunk` (``forward_streams``, ``fuse``,
