@@ -44,7 +44,7 @@ def test_reversible_pyramid_stores_under_a_quarter_of_the_simple_one():
 
 
 def test_reversible_pyramid_keeps_nothing_but_its_outputs_till_backward():
-    """Not even the reduced trunk map that every level starts from: each level re-runs it."""
+    """Not even the reduced trunk map that every level starts from: backward computes it again."""
     x1, x2 = streams(dim=96, n=32, requires_grad=True)
     pyramid = ReversibleFeaturePyramid(FixedStreams(x1, x2, "reversible"), out_channels=64)
     pyramid.train().requires_grad_(False)
@@ -53,6 +53,19 @@ def test_reversible_pyramid_keeps_nothing_but_its_outputs_till_backward():
         stored = mem.current
     assert stored == sum(o.numel() * o.element_size() for o in outputs.values())
     assert set(outputs) == {"p2", "p3", "p4", "p5"}
+
+
+@pytest.mark.parametrize("mode,fusions", [("reversible", 3), ("checkpoint", 2), ("autograd", 1)])
+def test_the_streams_are_fused_once_per_pass_not_once_per_level(mode, fusions, monkeypatch):
+    """Reversible: forward, once for the levels' backward, once under autograd; checkpoint:
+    forward and its re-run (whatever the number of levels)."""
+    x1, x2 = streams(requires_grad=True)
+    trunk = FixedStreams(x1, x2, mode)
+    pyramid = ReversibleFeaturePyramid(trunk, out_channels=64).train()
+    calls, fuse = [], trunk.fuse
+    monkeypatch.setattr(trunk, "fuse", lambda *xs: calls.append(1) or fuse(*xs))
+    sum(o.sum() for o in pyramid(None).values()).backward()
+    assert len(calls) == fusions and x1.grad is not None
 
 
 def test_reversible_pyramid_resamples_as_the_simple_one():

@@ -7,7 +7,8 @@
 
 import logging
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from functools import partial
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from ..reversible import (
     BackpropModule,
     ReversibleBlock,
     check_backprop,
+    recomputed_branches,
     reversible_sequence,
     run_recomputed,
 )
@@ -235,22 +237,15 @@ class _Level(nn.Module):
         )
         self.norm = get_norm(norm, out_channels)
 
-    def _resampled(self, reduced: Callable, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        return self.resample(reduced(x1, x2))
-
-    def forward(
-        self, reduced: Callable, x1: torch.Tensor, x2: torch.Tensor, mode: str, recompute: bool
-    ) -> torch.Tensor:
-        """The level's map from the trunk's streams.
+    def forward(self, x: torch.Tensor, mode: str, recompute: bool) -> torch.Tensor:
+        """The level's map from the trunk's reduced map ``x`` (the pyramid's, shared by its
+        levels).
 
         Args:
-            reduced: ``reduced(x1, x2)`` is the fused streams reduced to the resampling's width
-                (the pyramid's, shared by its levels).
-            x1, x2: the trunk's output streams.
             mode: the coupling blocks' backprop mode.
             recompute: run the resampling as its own recomputed unit.
         """
-        h = run_recomputed(recompute, self._resampled, reduced, x1, x2)
+        h = run_recomputed(recompute, self.resample, x)
         y1, y2 = reversible_sequence(list(self.couplings), *h.chunk(2, dim=1), backprop=mode)
         return self.norm(torch.cat([y1, y2], dim=1))
 
@@ -271,13 +266,16 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
           | concat, norm                                                    (recomputed)
         p_level (D channels)              kept: the heads need it
 
-    In "reversible" and "checkpoint" modes every level is one recomputed unit
-    (``torch.utils.checkpoint``): between forward and backward it keeps nothing but its output,
-    since its input is the trunk's output, which the trunk keeps. When the level is re-run in
-    backward, its resampling is a recomputed unit of its own (only h is kept while the rest of
-    the level runs backward) and its coupling blocks run through the reversible engine, so that
-    the working sets do not add up. Levels are recomputed one at a time. p6 is ``top_block`` on
-    p5. In "autograd" mode the same architecture stores every activation (the fair baseline).
+    In "reversible" mode the fusion + reduction and the levels are one recomputed unit
+    (:func:`~rev_det.reversible.recomputed_branches`): between forward and backward it keeps
+    nothing but its outputs, since its inputs are the trunk's output, which the trunk keeps. In
+    backward the reduced map is computed once for all levels, and the levels are re-run one at
+    a time; in each, the resampling is a recomputed unit of its own (only h is kept while the
+    rest of the level runs backward) and the coupling blocks run through the reversible engine,
+    so that the working sets do not add up. In "checkpoint" mode the reduction and each level
+    are ``torch.utils.checkpoint`` units (the reduced map is kept: it is the levels' input). In
+    "autograd" mode the same architecture stores every activation (the fair baseline). p6 is
+    ``top_block`` on p5.
 
     Args:
         net: the trunk, a :class:`TwoStreamTrunk` (``forward_streams``, ``fuse``,
@@ -336,13 +334,16 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x1, x2 = self.net.forward_streams(self._pad_to_square(x))
-        mode, recompute = self.backprop, self.recomputes()
-        # Each level re-runs the fusion and reduction rather than keeping their output till
-        # backward: they are cheap at the trunk's resolution, and keeping it would raise the
-        # step's peak (by 12 MiB, ViT-B at 1024x1024). "autograd" runs the same operations, so
-        # that "checkpoint" gives its gradients bit for bit.
-        results = [
-            run_recomputed(recompute, level, self._reduced, x1, x2, mode, recompute)
-            for level in self.levels
-        ]
+        mode = self.backprop
+        if not self.recomputes():
+            reduced = self._reduced(x1, x2)
+            results = [level(reduced, mode, False) for level in self.levels]
+        elif mode == "checkpoint":
+            # torch.utils.checkpoint per unit: the same autograd graph as above (hence the
+            # same gradients, bit for bit), with the reduced map kept as the levels' input.
+            reduced = run_recomputed(True, self._reduced, x1, x2)
+            results = [run_recomputed(True, level, reduced, mode, True) for level in self.levels]
+        else:
+            levels = [partial(level, mode=mode, recompute=True) for level in self.levels]
+            results = list(recomputed_branches(self._reduced, levels, (x1, x2), self))
         return self._with_top_block(results)

@@ -3,10 +3,12 @@
 * :mod:`.modes`: the three backprop modes and :class:`BackpropModule`, the contract of a module
   that follows one;
 * :mod:`.engine`: reversible blocks and sequences;
+* :mod:`.branches`: several outputs sharing their first part, as one recomputed unit;
 * :mod:`.schedule`: the order of the reversible backward's steps, serial or on two CUDA streams;
 * :mod:`.drift`: how far rebuilt inputs drift from the true ones.
 """
 
+from .branches import recomputed_branches
 from .drift import SequenceInput, measure_reconstruction, record_sequence_inputs
 from .engine import (
     ReconstructionError,
@@ -30,6 +32,7 @@ __all__ = [
     "measure_reconstruction",
     "name_reversible_blocks",
     "record_sequence_inputs",
+    "recomputed_branches",
     "reversible_sequence",
     "run_recomputed",
 ]
