@@ -8,6 +8,7 @@ import pytest
 from helpers import load_script
 
 from rev_det.benchmark import MODES, SECTIONS, GiB, MemoryBudget, budgeted, largest_batch
+from rev_det.benchmark.measure import paired_ratio
 from rev_det.benchmark.sections.classification import marginal_per_image
 from rev_det.benchmark.sections.speed import SpeedRun, speed_runs
 
@@ -236,3 +237,12 @@ def test_attention_speed_methods_are_exact_in_float64():
     for name, tensors in results.items():
         for got, want in zip(tensors, results["explicit"]):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_speed_ratios_pair_the_steps_of_each_round():
+    """A machine twice as slow in one round moves both steps of that round: the paired ratio
+    stays 1.1, where the ratio of the medians (22 / 10) would report 2.2."""
+    reference, seconds = [10.0, 20.0, 10.0], [11.0, 22.0, 33.0]
+    assert paired_ratio(seconds, reference) == pytest.approx(1.1)
+    with pytest.raises(ValueError):
+        paired_ratio(seconds, reference[:2])

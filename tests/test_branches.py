@@ -121,3 +121,13 @@ def test_bfloat16_autocast_is_replayed_in_backward(monkeypatch):
     for name, g in ref.items():
         # bfloat16 sums the branches' gradients in another order: rounding, ~3e-3 here.
         assert rel_err(got[name], g) <= 2e-2, name
+
+
+def test_parameter_gradient_hooks_fire_once_per_backward():
+    """As DistributedDataParallel needs: each parameter reported ready once."""
+    model = Branched().train()
+    fired = []
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: fired.append(name))
+    step(model, *inputs(), recompute=True)
+    assert sorted(fired) == sorted(n for n, _ in model.named_parameters())

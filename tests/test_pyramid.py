@@ -139,3 +139,19 @@ def test_patch_8_trunk_gets_the_same_p2_p6_pyramid(pyramid):
 def test_unsupported_scale_factor_is_named(cls):
     with pytest.raises(ValueError, match=r"scale factor 0.125 .*patch size 8 or 16"):
         cls(FixedStreams(*streams(), "reversible"), out_channels=32, scale_factors=(1.0, 0.125))
+
+
+def test_pyramid_memory_tool_reports_every_adapter_with_times(capsys):
+    import pyramid_memory
+
+    pyramid_memory.main(["--size", "256", "--dim", "64", "--out-channels", "32", "--repeats", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    stored = {name.strip(): float(cells[0]) for name, *cells in rows}
+    assert set(stored) == {
+        "SimpleFeaturePyramid (autograd)",
+        *(f"ReversibleFeaturePyramid ({m})" for m in ("autograd", "checkpoint", "reversible")),
+    }
+    assert all(len(cells) == 6 and float(cells[4]) > 0 for cells in rows)
+    assert (
+        stored["ReversibleFeaturePyramid (reversible)"] < stored["SimpleFeaturePyramid (autograd)"]
+    )

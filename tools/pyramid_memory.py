@@ -1,16 +1,19 @@
 #!/usr/bin/env python
-"""Memory of the pyramid adapters alone on a ViT trunk's output (exact tracker, CPU).
+"""Memory and time of the pyramid adapters alone on a ViT trunk's output (CPU).
 
 Feeds fixed two-stream trunk outputs (created before measuring, so they are not counted) to
 the simple pyramid (ViTDet's, from the stream width C, as ``MODEL.REV.PYRAMID "simple"``
-builds it) and to ReversibleFeaturePyramid, and
-reports what each keeps between forward and backward ("stored") and the peak of forward +
-backward, with frozen weights (parameter gradients excluded).
+builds it) and to ReversibleFeaturePyramid in each backprop mode, and reports what each keeps
+between forward and backward ("stored") and the peak of forward + backward, with frozen weights
+(parameter gradients excluded; exact tracker). With ``--repeats`` it also times forward +
+backward with trainable weights: the median of that many interleaved runs after a warm-up.
 
-Usage: ``python tools/pyramid_memory.py --size 1024 --dim 768``
+Usage: ``python tools/pyramid_memory.py --size 1024 --dim 768 [--repeats 5]``
 """
 
 import argparse
+import statistics
+import time
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -51,32 +54,56 @@ def measure(pyramid):
     return stored / MiB, mem.peak / MiB
 
 
-def main():
+def seconds(pyramids, repeats):
+    """Median forward + backward time of each pyramid, runs interleaved, after a warm-up."""
+    times = {name: [] for name in pyramids}
+    for i in range(repeats + 1):
+        for name, pyramid in pyramids.items():
+            pyramid.train().zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            sum(o.sum() for o in pyramid(None).values()).backward()
+            if i:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=1024, help="image size (stride-16 trunk)")
     parser.add_argument("--dim", type=int, default=768, help="width C of each stream")
     parser.add_argument("--out-channels", type=int, default=256)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=0, help="timed runs per adapter (0: none)")
+    args = parser.parse_args(argv)
     n = args.size // 16
     x1 = torch.randn(1, args.dim, n, n, requires_grad=True)
     x2 = torch.randn(1, args.dim, n, n, requires_grad=True)
     common = dict(out_channels=args.out_channels, top_block=LastLevelMaxPool(), norm="LN")
-    rows = {
-        "SimpleFeaturePyramid (autograd)": measure(
-            SimpleFeaturePyramid(FixedStreams(x1, x2, "autograd"), width=args.dim, **common)
-        ),
-        "ReversibleFeaturePyramid (autograd)": measure(
-            ReversibleFeaturePyramid(FixedStreams(x1, x2, "autograd"), **common)
-        ),
-        "ReversibleFeaturePyramid (reversible)": measure(
-            ReversibleFeaturePyramid(FixedStreams(x1, x2, "reversible"), **common)
-        ),
-    }
+
+    def pyramids():
+        torch.manual_seed(0)
+        built = {
+            "SimpleFeaturePyramid (autograd)": SimpleFeaturePyramid(
+                FixedStreams(x1, x2, "autograd"), width=args.dim, **common
+            )
+        }
+        for mode in ("autograd", "checkpoint", "reversible"):
+            built[f"ReversibleFeaturePyramid ({mode})"] = ReversibleFeaturePyramid(
+                FixedStreams(x1, x2, mode), **common
+            )
+        return built
+
+    rows = {name: measure(pyramid) for name, pyramid in pyramids().items()}
+    times = seconds(pyramids(), args.repeats) if args.repeats else {}
     base = rows["SimpleFeaturePyramid (autograd)"][0]
-    print(f"| pyramid, {args.size}x{args.size}, C={args.dim} | stored MiB | vs simple | peak MiB |")
-    print("|---|---|---|---|")
+    head = f"| pyramid, {args.size}x{args.size}, C={args.dim} | stored MiB | vs simple | peak MiB |"
+    print(head + (" fwd+bwd s | vs simple |" if times else ""))
+    print("|---|---|---|---|" + ("---|---|" if times else ""))
     for name, (stored, peak) in rows.items():
-        print(f"| {name} | {stored:.1f} | {100 * stored / base:.0f}% | {peak:.1f} |")
+        row = f"| {name} | {stored:.1f} | {100 * stored / base:.0f}% | {peak:.1f} |"
+        if times:
+            ratio = times[name] / times["SimpleFeaturePyramid (autograd)"]
+            row += f" {times[name]:.2f} | {ratio:.2f}x |"
+        print(row)
 
 
 if __name__ == "__main__":

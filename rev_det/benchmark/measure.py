@@ -1,6 +1,7 @@
 """Measuring one training step: its memory (exact tracker on CPU, the allocator on CUDA), its
 time, the largest batch that fits, and the memory budget that skips what would not fit."""
 
+import statistics
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -17,6 +18,7 @@ __all__ = [
     "interleaved_times",
     "largest_batch",
     "measure",
+    "paired_ratio",
     "param_mib",
     "timed",
 ]
@@ -101,6 +103,13 @@ def interleaved_times(
         for step, seconds in zip(steps, times):
             seconds.append(timed(step, device))
     return times
+
+
+def paired_ratio(seconds: Sequence[float], reference: Sequence[float]) -> float:
+    """The median, over the rounds of :func:`interleaved_times`, of one step's time over the
+    reference step's in the same round: a machine whose speed drifts during the run moves both
+    alike, where a ratio of medians compares steps timed minutes apart."""
+    return statistics.median(s / r for s, r in zip(seconds, reference, strict=True))
 
 
 def largest_batch(fits: Callable[[int], bool], limit: int) -> Tuple[int, List[int]]:

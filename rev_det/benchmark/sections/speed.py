@@ -17,7 +17,7 @@ from ..detectors import (
     synthetic_batch,
     training_step,
 )
-from ..measure import Row, interleaved_times, largest_batch, measure
+from ..measure import Row, interleaved_times, largest_batch, measure, paired_ratio
 from ..report import markdown_section, plot
 from ..vitdet import vitdet_detector
 from .section import Section
@@ -96,9 +96,8 @@ def _run(args, results, det: Detection):
             for _ in range(args.warmup - 1):
                 steps[-1]()
         times = interleaved_times(steps, args.repeats, args.device)
-        first = statistics.median(times[0])
         for run, peak, seconds in zip(runs, peaks, times):
-            median = statistics.median(seconds)
+            median, ratio = statistics.median(seconds), paired_ratio(seconds, times[0])
             rows.append(
                 dict(
                     backprop=run.label,
@@ -106,14 +105,14 @@ def _run(args, results, det: Detection):
                     batch=batch,
                     step_s=median,
                     images_per_s=batch / median,
-                    vs_first=median / first,
+                    vs_first=ratio,
                     peak=peak,
                     times=seconds,
                 )
             )
             print(
                 f"  speed {run.label:21s} {run.pyramid:10s} batch {batch:3d}: {median:7.3f} s "
-                f"({median / first:.2f}x), peak {peak:8.1f} MiB",
+                f"({ratio:.2f}x), peak {peak:8.1f} MiB",
                 flush=True,
             )
         del data, steps
@@ -155,8 +154,8 @@ def _report(args, results) -> List[str]:
     rows = results["speed"]
     notes = [
         f"median of {args.repeats} steps per detector, interleaved, after {args.warmup} "
-        "warm-up steps; vs_first = step time / the first row's at the same batch; peak = the "
-        "first warm-up step's; every image has as many objects as the ROI heads sample "
+        "warm-up steps; vs_first = the median over the rounds of the step's time / the first "
+        "row's in the same round (same batch); peak = the first warm-up step's; every image has as many objects as the ROI heads sample "
         "foreground proposals at most, so that all detectors' heads do the same work"
     ]
     if len(args.speed_batches) > 1:
