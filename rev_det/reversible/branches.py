@@ -14,67 +14,86 @@ number of branches:
 
 ========== ===============================================================================
 forward    ``shared = prefix(inputs)`` once, each branch on it; nothing recorded
-backward   1. ``shared`` again, without autograd; kept while the branches run backward
-           2. branch by branch: re-run on ``shared`` under autograd and back-propagated at
-              once, so that one branch's activations are alive at a time; the gradients of
-              ``shared`` add up
-           3. the prefix re-run under autograd, back-propagated once with that sum
+backward   1. when the first branch's gradient arrives: ``shared`` again, without autograd,
+              kept until the prefix's own backward
+           2. each branch, as autograd reaches it: re-run on ``shared`` under autograd and
+              back-propagated at once, so that one branch's activations are alive at a time;
+              autograd adds up the branches' gradients of ``shared``
+           3. after the last branch: ``shared`` is dropped, the prefix re-run under autograd
+              and back-propagated once with that sum
 ========== ===============================================================================
 
-Parameter gradients are accumulated into ``.grad`` inside backward, as the reversible engine
-does (the parameters are not inputs of the Function; see :class:`.engine._ReversibleFunction`),
-and the generator and autocast states of the forward are replayed. A branch may itself
-recompute parts of its work (a reversible sequence, a checkpointed unit): step 2 runs it as
-an ordinary training forward.
+The prefix is a custom autograd Function that keeps nothing; each branch is a
+``torch.utils.checkpoint`` unit that reads ``shared`` from the state the call's units share
+(:class:`_Recomputation`) instead of taking it as an input, which checkpoint would keep: the
+forward's ``shared`` while the branches are built, the recomputed one in backward. Autograd
+thus frees each branch's output gradient and re-run activations as soon as it is done with
+them, and may interleave the branches with other work, as it would for ordinary modules.
+The prefix's parameter gradients are accumulated into ``.grad`` inside its backward, as the
+reversible engine does (the parameters are not inputs of the Function; see
+:class:`.engine._ReversibleFunction`), and the prefix's generator and autocast states are
+replayed (checkpoint replays the branches'). A branch may itself recompute parts of its work
+(a reversible sequence, a checkpointed unit).
 """
 
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .engine import _autocast_states, _replay_autocast, _RngState
 
 __all__ = ["recomputed_branches"]
 
 
-class _BranchesFunction(torch.autograd.Function):
+class _Recomputation:
+    """What the prefix and the branches of one call share: the prefix, its inputs and the states
+    to replay it in, and ``shared`` (the forward's while the branches are built, then none until
+    a branch is re-run in backward, then the recomputed one until the prefix's backward)."""
+
+    def __init__(self, prefix: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
+        self.prefix, self.inputs = prefix, tuple(inputs)
+        self.autocast = _autocast_states()
+        self.rng = _RngState(*inputs)
+        self.shared: Optional[torch.Tensor] = None
+
+    def run_prefix(self, inputs) -> torch.Tensor:
+        with _replay_autocast(self.autocast), self.rng.replay():
+            return self.prefix(*inputs)
+
+    def shared_for_branch(self) -> torch.Tensor:
+        if self.shared is None:  # the first branch re-run in backward
+            with torch.no_grad():
+                shared = self.run_prefix(self.inputs)
+            # Requiring grad, as the forward's did, the branch saves the same tensors in its
+            # re-run (checkpoint checks that); the gradient flows through the forward's graph.
+            self.shared = shared.requires_grad_(True)
+        return self.shared
+
+    def run_branch(self, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return branch(self.shared_for_branch())
+
+
+class _PrefixFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, prefix, branches, *inputs):
-        ctx.prefix, ctx.branches = prefix, branches
-        ctx.autocast = _autocast_states()
-        ctx.set_materialize_grads(False)  # a branch whose output gets no gradient is skipped
+    def forward(ctx, state, anchor, *inputs):
+        ctx.state = state
         ctx.save_for_backward(*inputs)
-        ctx.rng = [_RngState(*inputs)]
-        shared = prefix(*inputs)
-        outputs = []
-        for branch in branches:
-            ctx.rng.append(_RngState(*inputs))
-            outputs.append(branch(shared))
-        return tuple(outputs)
+        return state.prefix(*inputs)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, grad_shared):
+        state = ctx.state
+        state.shared = None  # every branch is done
         inputs = [
             x.detach().requires_grad_(needs)
-            for x, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[3:])
+            for x, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])
         ]
-        with torch.enable_grad(), _replay_autocast(ctx.autocast):
-            with torch.no_grad(), ctx.rng[0].replay():
-                shared = ctx.prefix(*inputs)
-            shared.requires_grad_(True)
-            for branch, grad, rng in zip(ctx.branches, grads, ctx.rng[1:]):
-                if grad is not None:
-                    with rng.replay():
-                        output = branch(shared)
-                    torch.autograd.backward(output, grad)
-                    del output  # free this branch's activations before the next
-            grad_shared, shared = shared.grad, None
-            if grad_shared is not None:
-                with ctx.rng[0].replay():
-                    shared = ctx.prefix(*inputs)
-                torch.autograd.backward(shared, grad_shared)
-        return (None, None, None, *(x.grad if x.requires_grad else None for x in inputs))
+        with torch.enable_grad():
+            shared = state.run_prefix(inputs)
+        torch.autograd.backward(shared, grad_shared)
+        return (None, None, *(x.grad if x.requires_grad else None for x in inputs))
 
 
 def recomputed_branches(
@@ -100,4 +119,10 @@ def recomputed_branches(
     """
     trainable = any(p.requires_grad for p in module.parameters())
     anchor = inputs[0].new_empty(0).requires_grad_(trainable)
-    return _BranchesFunction.apply(anchor, prefix, tuple(branches), *inputs)
+    state = _Recomputation(prefix, inputs)
+    state.shared = _PrefixFunction.apply(state, anchor, *inputs)
+    outputs = tuple(
+        checkpoint(state.run_branch, branch, use_reentrant=False) for branch in branches
+    )
+    state.shared = None  # not kept till backward
+    return outputs
