@@ -13,12 +13,12 @@ but references to the inputs, and the prefix runs three times per training step 
 number of branches:
 
 ========== ===============================================================================
-forward    ``shared = prefix(inputs)`` once, each branch on it; nothing recorded
-backward   1. when the first branch's gradient arrives: ``shared`` again, without autograd,
-              kept until the prefix's own backward
-           2. each branch, as autograd reaches it: re-run on ``shared`` under autograd and
-              back-propagated at once, so that one branch's activations are alive at a time;
-              autograd adds up the branches' gradients of ``shared``
+forward    ``shared = prefix(inputs)`` once, each branch on it; no activation saved
+backward   1. when the first branch is re-run: ``shared`` again, without autograd, kept
+              until the prefix's own backward
+           2. each branch, as autograd reaches it: re-run on ``shared`` and back-propagated,
+              so that one branch's activations are alive at a time; autograd adds up the
+              branches' gradients of ``shared``
            3. after the last branch: ``shared`` is dropped, the prefix re-run under autograd
               and back-propagated once with that sum
 ========== ===============================================================================
