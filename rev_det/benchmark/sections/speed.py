@@ -155,8 +155,9 @@ def _report(args, results) -> List[str]:
     notes = [
         f"median of {args.repeats} steps per detector, interleaved, after {args.warmup} "
         "warm-up steps; vs_first = the median over the rounds of the step's time / the first "
-        "row's in the same round (same batch); peak = the first warm-up step's; every image has as many objects as the ROI heads sample "
-        "foreground proposals at most, so that all detectors' heads do the same work"
+        "row's in the same round (same batch); peak = the first warm-up step's; every image "
+        "has as many objects as the ROI heads sample foreground proposals at most, so that all "
+        "detectors' heads do the same work"
     ]
     if len(args.speed_batches) > 1:
         path = os.path.join(args.out, "throughput_vs_batch.png")
