@@ -1,14 +1,24 @@
 """The pyramid adapters on their own: padding, memory, and no recomputation in inference."""
 
+import collections
 import os
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.structures import ImageList
+from helpers import rel_err
+from torch import nn
 
-from rev_det.modeling import ReversibleFeaturePyramid, SimpleFeaturePyramid, set_backprop
+from rev_det.modeling import (
+    LayerNorm2d,
+    ReversibleFeaturePyramid,
+    SimpleFeaturePyramid,
+    set_backprop,
+)
+from rev_det.modeling.pyramid import _Coupling, _log_streams_kept
 from rev_det.utils import MemoryTracker
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
@@ -43,16 +53,77 @@ def test_reversible_pyramid_stores_under_a_quarter_of_the_simple_one():
     assert rev <= simple / 4, (rev, simple)
 
 
-def test_reversible_pyramid_keeps_nothing_but_its_outputs_till_backward():
-    """Not even the reduced trunk map that every level starts from: backward computes it again."""
+def test_reversible_pyramid_keeps_its_outputs_and_two_numbers_per_pixel_till_backward():
+    """Not even the reduced trunk map that every level starts from (backward computes it
+    again), nor the levels' coupling streams: each level's output norm is inverted from its
+    per-pixel mean and standard deviation."""
     x1, x2 = streams(dim=96, n=32, requires_grad=True)
     pyramid = ReversibleFeaturePyramid(FixedStreams(x1, x2, "reversible"), out_channels=64)
     pyramid.train().requires_grad_(False)
     with MemoryTracker() as mem:
         outputs = pyramid(None)
         stored = mem.current
-    assert stored == sum(o.numel() * o.element_size() for o in outputs.values())
     assert set(outputs) == {"p2", "p3", "p4", "p5"}
+    statistics = sum(2 * o[:, 0].numel() * o.element_size() for o in outputs.values())
+    assert stored == sum(o.numel() * o.element_size() for o in outputs.values()) + statistics
+
+
+def pyramid_gradients(mode, small_weight=False):
+    """Outputs and float64 gradients of a reversible pyramid in ``mode`` (norms randomised, so
+    that the inversion of the levels' output norms is exercised)."""
+    x1, x2 = (x.double().requires_grad_(True) for x in streams(dim=32, n=8))
+    torch.manual_seed(1)
+    trunk = FixedStreams(x1, x2, mode)
+    pyramid = ReversibleFeaturePyramid(trunk, out_channels=16, top_block=LastLevelMaxPool())
+    pyramid.double().train()
+    for m in pyramid.modules():
+        if isinstance(m, LayerNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.3)
+            nn.init.normal_(m.bias, 0.0, 0.3)
+    if small_weight:
+        with torch.no_grad():
+            pyramid.levels[0].norm.weight[3] = 1e-4
+    outputs = pyramid(None)
+    torch.manual_seed(2)
+    sum((o * torch.randn_like(o)).sum() for o in outputs.values()).backward()
+    grads = {n: p.grad for n, p in pyramid.named_parameters()}
+    return outputs, {**grads, "x1": x1.grad, "x2": x2.grad}
+
+
+@pytest.mark.parametrize("small_weight", [False, True], ids=["inverted", "streams kept"])
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint"])
+def test_pyramid_gradients_equal_autograd_float64(mode, small_weight, caplog):
+    """Also where a level's output norm has a weight too small to invert (the level keeps its
+    streams then, and says so)."""
+    _log_streams_kept.cache_clear()  # it warns once per process
+    ref_out, ref = pyramid_gradients("autograd", small_weight)
+    with caplog.at_level("WARNING"):
+        out, got = pyramid_gradients(mode, small_weight)
+    assert set(got) == set(ref) and all(g is not None for g in got.values())
+    for name, expected in ref.items():
+        assert rel_err(got[name], expected) <= 1e-10, name
+    for name, expected in ref_out.items():
+        assert rel_err(out[name], expected) <= 1e-12, name
+    kept = "keeps its coupling streams" in caplog.text
+    assert kept == (mode == "reversible" and small_weight)
+
+
+def test_reversible_pyramid_levels_are_not_re_run_in_backward(monkeypatch):
+    """Each coupling function runs twice per step (forward, and its rebuild in backward), and
+    the resampling twice (forward, and its recomputation)."""
+    calls = collections.Counter()
+    for name in ("F", "G"):
+        original = getattr(_Coupling, name)
+        monkeypatch.setattr(
+            _Coupling, name, lambda self, x, n=name, f=original: calls.update([n]) or f(self, x)
+        )
+    pyramid = ReversibleFeaturePyramid(FixedStreams(*streams(), "reversible"), out_channels=32)
+    pyramid.train()
+    for level in pyramid.levels:
+        level.resample.register_forward_pre_hook(lambda *args: calls.update(["resample"]))
+    sum(o.sum() for o in pyramid(None).values()).backward()
+    blocks = sum(len(level.couplings) for level in pyramid.levels)
+    assert calls == {"F": 2 * blocks, "G": 2 * blocks, "resample": 2 * len(pyramid.levels)}
 
 
 @pytest.mark.parametrize("mode,fusions", [("reversible", 3), ("checkpoint", 2), ("autograd", 1)])
@@ -80,6 +151,34 @@ def test_reversible_pyramid_resamples_as_the_simple_one():
     assert [p.shape for p in rev.reduce.parameters()] == [
         p.shape for p in simple.reduce.parameters()
     ]
+
+
+def test_layer_norm_2d_keeps_its_inputs_memory_format():
+    """Contiguous in, contiguous out (the deconvolutions' input); channels-last in, channels-last
+    out (the coupling blocks' convolutions), also for a channel slice of a channels-last map."""
+    torch.manual_seed(0)
+    norm = LayerNorm2d(8)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(2, 16, 5, 6)
+    expected = F.layer_norm(x[:, :8].permute(0, 2, 3, 1), (8,), norm.weight, norm.bias, norm.eps)
+    expected = expected.permute(0, 3, 1, 2)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    for given, fmt in [
+        (x[:, :8].contiguous(), torch.contiguous_format),
+        (channels_last[:, :8].contiguous(memory_format=torch.channels_last), torch.channels_last),
+        (channels_last[:, :8], torch.channels_last),
+    ]:
+        out = norm(given)
+        assert out.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint", "autograd"])
+def test_pyramid_levels_are_contiguous_for_the_heads(mode):
+    pyramid = ReversibleFeaturePyramid(FixedStreams(*streams(), mode), out_channels=32).train()
+    outputs = pyramid(None)
+    assert all(o.is_contiguous() for o in outputs.values())
 
 
 def test_inference_uses_no_recomputation(monkeypatch):

@@ -7,7 +7,7 @@
 
 import logging
 import math
-from functools import partial
+from functools import lru_cache, partial
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -19,12 +19,13 @@ from torch import nn
 from ..reversible import (
     BackpropModule,
     ReversibleBlock,
+    SequenceOutput,
     check_backprop,
     recomputed_branches,
     reversible_sequence,
     run_recomputed,
 )
-from .layers import get_norm
+from .layers import LayerNorm2d, get_norm
 from .trunk import TwoStreamTrunk
 
 __all__ = ["SimpleFeaturePyramid", "ReversibleFeaturePyramid"]
@@ -223,6 +224,63 @@ class _Coupling(ReversibleBlock):
         return F.gelu(self.g_conv(self.g_norm(x)))
 
 
+class _NormedStreams(SequenceOutput):
+    """A pyramid level's output: its two coupling streams concatenated and normalised,
+    (N, C, H, W)-contiguous for the heads.
+
+    With rev_det's LayerNorm2d (norm "LN") it is inverted from each pixel's mean and standard
+    deviation over the channels (two numbers per pixel, 1/128 of the streams at 256 channels):
+    ``z = (out - bias) / weight / rstd + mean``. A norm weight near zero would amplify the
+    rounding of ``out`` in that division, so below :data:`MIN_INVERTIBLE_WEIGHT` in magnitude
+    (and for other norms) the level keeps its streams instead, as a reversible sequence without
+    an output does.
+    """
+
+    # |weight| below which the inverse is not trusted: it multiplies the rounding error of the
+    # output by up to std / |weight| (fp32: 6e-8 relative to |out - bias|).
+    MIN_INVERTIBLE_WEIGHT = 1e-3
+
+    def __init__(self, norm: nn.Module):
+        self.norm = norm
+
+    def __call__(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+        return self.norm(torch.cat([y1, y2], dim=1)).contiguous()
+
+    def parameters(self) -> List[nn.Parameter]:
+        return list(self.norm.parameters())
+
+    def forward_kept(self, y1, y2):
+        z = torch.cat([y1, y2], dim=1)
+        out = self.norm(z).contiguous()
+        norm = self.norm
+        invertible = isinstance(norm, LayerNorm2d) and bool(
+            norm.weight.abs().min() >= self.MIN_INVERTIBLE_WEIGHT
+        )
+        if not invertible:
+            _log_streams_kept(type(norm).__name__)
+            return out, None
+        var, mean = torch.var_mean(z, dim=1, correction=0, keepdim=True)
+        return out, (mean, torch.rsqrt(var + norm.eps))
+
+    def inverse(self, out, kept):
+        mean, rstd = kept
+        weight, bias = self.norm.weight[:, None, None], self.norm.bias[:, None, None]
+        # One new map, channels-last as the coupling blocks ran in forward (_Level.couple).
+        z = out.to(memory_format=torch.channels_last, copy=True)
+        return z.sub_(bias).div_(weight).div_(rstd).add_(mean).chunk(2, dim=1)
+
+
+@lru_cache(maxsize=None)
+def _log_streams_kept(norm: str):
+    logger.warning(
+        "A reversible pyramid level's output norm (%s) cannot be inverted (a norm other than "
+        "LN, or an LN weight below %g in magnitude): the level keeps its coupling streams for "
+        "backward (the memory of one more output per level). Same gradients.",
+        norm,
+        _NormedStreams.MIN_INVERTIBLE_WEIGHT,
+    )
+
+
 class _Level(nn.Module):
     """One pyramid level from the trunk's streams (see ReversibleFeaturePyramid)."""
 
@@ -245,13 +303,18 @@ class _Level(nn.Module):
             mode: the coupling blocks' backprop mode.
             recompute: run the resampling as its own recomputed unit.
         """
-        h = run_recomputed(recompute, self.resample, x)
+        return self.couple(run_recomputed(recompute, self.resample, x), mode)
+
+    def couple(self, h: torch.Tensor, mode: str) -> torch.Tensor:
+        """The coupling blocks and the output norm on the resampled map ``h``."""
         # The coupling blocks run channels-last (their norms keep it, see LayerNorm2d): their
         # 3x3 convolutions take most of the pyramid's time, and on CPU the level's forward +
-        # backward is 12-15% faster so. The output is contiguous (N, C, H, W) again for the heads.
+        # backward is 12-15% faster so. The output is contiguous (N, C, H, W) for the heads.
         h = h.contiguous(memory_format=torch.channels_last)
-        y1, y2 = reversible_sequence(list(self.couplings), *h.chunk(2, dim=1), backprop=mode)
-        return self.norm(torch.cat([y1, y2], dim=1)).contiguous()
+        output = _NormedStreams(self.norm)
+        return reversible_sequence(
+            list(self.couplings), *h.chunk(2, dim=1), backprop=mode, output=output
+        )
 
 
 class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
@@ -267,19 +330,21 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
         h (D channels, stride t / s)
           | two halves -> N additive coupling blocks                        (invertible: rebuilt)
           |   y1 = h1 + F(h2), y2 = h2 + G(y1);  F, G = norm + 3x3 conv + GELU
-          | concat, norm                                                    (recomputed)
+          | concat, LayerNorm                          (inverted: per-pixel mean and std kept)
         p_level (D channels)              kept: the heads need it
 
-    In "reversible" mode the fusion + reduction and the levels are one recomputed unit
-    (:func:`~rev_det.reversible.recomputed_branches`): between forward and backward it keeps
-    nothing but its outputs, since its inputs are the trunk's output, which the trunk keeps. In
-    backward the reduced map is computed once for all levels, and the levels are re-run one at
-    a time; in each, the resampling is a recomputed unit of its own (only h is kept while the
-    rest of the level runs backward) and the coupling blocks run through the reversible engine,
-    so that the working sets do not add up. In "checkpoint" mode the reduction and each level
-    are ``torch.utils.checkpoint`` units (the reduced map is kept: it is the levels' input). In
-    "autograd" mode the same architecture stores every activation (the fair baseline). p6 is
-    ``top_block`` on p5.
+    In "reversible" mode nothing of a level is run again to get back to its coupling blocks'
+    outputs: the output norm is inverted from ``p_level`` and each pixel's mean and standard
+    deviation over the channels (:class:`_NormedStreams`), and the reversible engine rebuilds
+    the blocks' input h from there. The fusion + reduction and the levels' resamplings are one
+    recomputed unit (:func:`~rev_det.reversible.recomputed_branches`), whose inputs are the
+    trunk's output, which the trunk keeps anyway: in backward the reduced map is computed once
+    for all levels, and each level's resampling is re-run and back-propagated right after its
+    coupling blocks, so that one level's working set is alive at a time. Between forward and
+    backward the pyramid keeps its outputs and two numbers per output pixel. In "checkpoint"
+    mode the reduction and each level are ``torch.utils.checkpoint`` units (the reduced map is
+    kept: it is the levels' input). In "autograd" mode the same architecture stores every
+    activation (the fair baseline). p6 is ``top_block`` on p5.
 
     Args:
         net: the trunk, a :class:`TwoStreamTrunk` (``forward_streams``, ``fuse``,
@@ -348,6 +413,11 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
             reduced = run_recomputed(True, self._reduced, x1, x2)
             results = [run_recomputed(True, level, reduced, mode, True) for level in self.levels]
         else:
-            levels = [partial(level, mode=mode, recompute=True) for level in self.levels]
-            results = list(recomputed_branches(self._reduced, levels, (x1, x2), self))
-        return self._with_top_block(results)
+            results = recomputed_branches(
+                self._reduced,
+                [level.resample for level in self.levels],
+                (x1, x2),
+                self,
+                finish=[partial(level.couple, mode=mode) for level in self.levels],
+            )
+        return self._with_top_block(list(results))

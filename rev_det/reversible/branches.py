@@ -101,6 +101,7 @@ def recomputed_branches(
     branches: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     inputs: Sequence[torch.Tensor],
     module: nn.Module,
+    finish: Optional[Sequence[Callable[[torch.Tensor], torch.Tensor]]] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """``tuple(branch(prefix(*inputs)) for branch in branches)``, as one recomputed unit.
 
@@ -116,13 +117,24 @@ def recomputed_branches(
         module: the module owning every parameter that prefix and branches use; backward runs
             whenever one of them is trainable, even if no input requires grad (a frozen trunk
             under a trained pyramid).
+        finish: per branch, a part applied to its output right after it, outside the
+            recomputed unit (one that keeps what its own backward needs, such as a reversible
+            sequence). Autograd takes the most recently recorded of the parts ready first, so
+            in backward each finish is followed by its branch, and one branch's gradient is
+            alive at a time.
     """
     trainable = any(p.requires_grad for p in module.parameters())
     anchor = inputs[0].new_empty(0).requires_grad_(trainable)
     state = _Recomputation(prefix, inputs)
     state.shared = _PrefixFunction.apply(state, anchor, *inputs)
+    finish = [_unchanged] * len(branches) if finish is None else finish
     outputs = tuple(
-        checkpoint(state.run_branch, branch, use_reentrant=False) for branch in branches
+        then(checkpoint(state.run_branch, branch, use_reentrant=False))
+        for branch, then in zip(branches, finish, strict=True)
     )
     state.shared = None  # not kept till backward
     return outputs
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x

@@ -65,6 +65,7 @@ __all__ = [
     "ReconstructionError",
     "ReversibleBlock",
     "ReversibleSequence",
+    "SequenceOutput",
     "describe_block",
     "name_reversible_blocks",
     "reversible_sequence",
@@ -145,6 +146,38 @@ def _uncouple(streams, source: int, fx: torch.Tensor):
     streams = list(streams)
     streams[1 - source] = streams[1 - source] - fx
     return tuple(streams)
+
+
+class SequenceOutput:
+    """One tensor made of a reversible sequence's two output streams (e.g. their concatenation,
+    normalised), returned by the sequence instead of the streams.
+
+    In "reversible" mode the sequence then keeps that tensor for backward, which its consumer
+    keeps anyway, and what :meth:`forward_kept` returns beside it, instead of the streams, and
+    :meth:`inverse` gives the streams back. An output that cannot be inverted at the moment
+    (``forward_kept`` returns None beside it) makes the sequence keep its streams, as without
+    an output. In backward the output is re-run under autograd on the streams, so it must not
+    draw random numbers.
+    """
+
+    def __call__(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def parameters(self) -> List[nn.Parameter]:
+        """The parameters the output uses (their gradients are accumulated in backward)."""
+        return []
+
+    def forward_kept(
+        self, y1: torch.Tensor, y2: torch.Tensor
+    ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, ...]]]:
+        """The output, and what :meth:`inverse` needs beside it (None: not invertible now)."""
+        return self(y1, y2), None
+
+    def inverse(
+        self, out: torch.Tensor, kept: Tuple[torch.Tensor, ...]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The streams from the output and what :meth:`forward_kept` returned beside it."""
+        raise NotImplementedError
 
 
 def name_reversible_blocks(model: nn.Module, prefix: str = "") -> nn.Module:
@@ -318,37 +351,68 @@ def _check_finite(finite: torch.Tensor, steps: Sequence[_Step], count: int):
 class _ReversibleFunction(torch.autograd.Function):
     """Runs reversible blocks keeping only the last output; rebuilds the rest in backward.
 
-    The gradients of ``params``, the blocks' trainable parameters, are accumulated into
-    ``.grad`` step by step inside backward (see :meth:`_Step.backprop`). The parameters are not
-    inputs of the Function: for an input given no gradient, autograd still runs its
-    AccumulateGrad node and that node's hooks, so every parameter would be reported ready twice
-    (DistributedDataParallel fails on that). ``anchor``, an empty tensor that requires grad,
-    makes backward run even when the streams do not require grad (e.g. a frozen stem).
+    With a :class:`SequenceOutput` it returns that output of the last streams and keeps it (and
+    what the output needs to be inverted) instead of the streams.
+
+    The gradients of ``params``, the blocks' (and the output's) trainable parameters, are
+    accumulated into ``.grad`` step by step inside backward (see :meth:`_Step.backprop`). The
+    parameters are not inputs of the Function: for an input given no gradient, autograd still
+    runs its AccumulateGrad node and that node's hooks, so every parameter would be reported
+    ready twice (DistributedDataParallel fails on that). ``anchor``, an empty tensor that
+    requires grad, makes backward run even when the streams do not require grad (e.g. a frozen
+    stem).
     """
 
     @staticmethod
-    def forward(ctx, x1, x2, anchor, blocks, params, parallel_backward):
-        ctx.blocks = blocks
+    def forward(ctx, x1, x2, anchor, blocks, params, parallel_backward, output):
+        ctx.blocks, ctx.output = blocks, output
         ctx.trainable_ids = {id(p) for p in params}
         ctx.parallel_backward = parallel_backward
         ctx.autocast = _autocast_states()
-        x1, x2, ctx.rng = _run_forward(blocks, x1, x2)  # grad is disabled in Function.forward
-        ctx.save_for_backward(x1, x2)
-        return x1, x2
+        y1, y2, ctx.rng = _run_forward(blocks, x1, x2)  # grad is disabled in Function.forward
+        if output is None:
+            ctx.save_for_backward(y1, y2)
+            return y1, y2
+        out, kept = output.forward_kept(y1, y2)
+        ctx.inverted = kept is not None
+        ctx.save_for_backward(*((out, *kept) if ctx.inverted else (y1, y2)))
+        return out
 
     @staticmethod
-    def backward(ctx, dy1, dy2):
-        y1, y2 = ctx.saved_tensors
-        steps = _steps(ctx.blocks, ctx.rng, ctx.trainable_ids)
-        lanes, lookahead = schedule.select_lanes(y1.device, ctx.parallel_backward)
+    def backward(ctx, *grads):
         with _replay_autocast(ctx.autocast):
+            if ctx.output is None:
+                (y1, y2), (dy1, dy2) = ctx.saved_tensors, grads
+            else:
+                y1, y2, dy1, dy2 = _output_backward(ctx, grads[0])
+            steps = _steps(ctx.blocks, ctx.rng, ctx.trainable_ids)
+            lanes, lookahead = schedule.select_lanes(y1.device, ctx.parallel_backward)
             (dx1, dx2), finite = schedule.run_backward(
                 steps, (y1, y2), (dy1, dy2), lanes, lookahead
             )
         _check_finite(finite, steps, len(ctx.blocks))
         dx1 = dx1 if ctx.needs_input_grad[0] else None
         dx2 = dx2 if ctx.needs_input_grad[1] else None
-        return dx1, dx2, None, None, None, None
+        return dx1, dx2, None, None, None, None, None
+
+
+def _output_backward(ctx, grad_out: torch.Tensor):
+    """The last streams (from the kept output, or kept themselves) and their gradients, the
+    output re-run under autograd on them and back-propagated (its parameters' gradients
+    accumulated into ``.grad``, as the steps do)."""
+    if ctx.inverted:
+        out, *kept = ctx.saved_tensors
+        with torch.no_grad():
+            y1, y2 = ctx.output.inverse(out, tuple(kept))
+    else:
+        y1, y2 = ctx.saved_tensors
+    y1, y2 = y1.detach().requires_grad_(True), y2.detach().requires_grad_(True)
+    params = [p for p in ctx.output.parameters() if id(p) in ctx.trainable_ids]
+    with torch.enable_grad():
+        out = ctx.output(y1, y2)
+    torch.autograd.backward(out, grad_out.to(out.dtype), inputs=[y1, y2, *params])
+    grads = [torch.zeros_like(y) if y.grad is None else y.grad for y in (y1, y2)]
+    return y1.detach(), y2.detach(), *grads
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -364,8 +428,10 @@ def reversible_sequence(
     x2: torch.Tensor,
     backprop: str = "reversible",
     parallel_backward: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run ``blocks`` on the two streams ``(x1, x2)`` and return the two output streams.
+    output: Optional[SequenceOutput] = None,
+):
+    """Run ``blocks`` on the two streams ``(x1, x2)`` and return the two output streams, or
+    ``output`` of them.
 
     Args:
         blocks: reversible blocks, run in order.
@@ -377,30 +443,31 @@ def reversible_sequence(
             second CUDA stream while the current step back-propagates (same gradients; the
             activations of two functions alive instead of one). Elsewhere the backward runs
             serially.
+        output: one tensor made of the output streams (see :class:`SequenceOutput`); in
+            "reversible" mode it is kept for backward instead of the streams.
     """
     check_backprop(backprop)
     x1, x2 = _upcast(x1), _upcast(x2)
     training = torch.is_grad_enabled() and any(b.training for b in blocks)
-    if not training or backprop == "autograd":
-        for block in blocks:
-            x1, x2 = block(x1, x2)
-        return x1, x2
-    if backprop == "checkpoint":
-        for block in blocks:
-            x1, x2 = checkpoint(block, x1, x2, use_reentrant=False)
-        return x1, x2
-    blocks = tuple(blocks)
-    for observe in REBUILT_SEQUENCE_OBSERVERS:
-        observe(blocks, x1, x2)
-    params = _unique_trainable_parameters(blocks)
-    anchor = x1.new_empty(0).requires_grad_(bool(params))
-    return _ReversibleFunction.apply(x1, x2, anchor, blocks, params, parallel_backward)
-
-
-def _unique_trainable_parameters(blocks: Sequence[nn.Module]) -> List[nn.Parameter]:
-    seen, params = set(), []
+    if backprop == "reversible" and training:
+        blocks = tuple(blocks)
+        for observe in REBUILT_SEQUENCE_OBSERVERS:
+            observe(blocks, x1, x2)
+        params = _unique_trainable_parameters([*blocks, *([] if output is None else [output])])
+        anchor = x1.new_empty(0).requires_grad_(bool(params))
+        return _ReversibleFunction.apply(x1, x2, anchor, blocks, params, parallel_backward, output)
     for block in blocks:
-        for p in block.parameters():
+        if training and backprop == "checkpoint":
+            x1, x2 = checkpoint(block, x1, x2, use_reentrant=False)
+        else:
+            x1, x2 = block(x1, x2)
+    return (x1, x2) if output is None else output(x1, x2)
+
+
+def _unique_trainable_parameters(parts: Sequence) -> List[nn.Parameter]:
+    seen, params = set(), []
+    for part in parts:
+        for p in part.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
