@@ -448,3 +448,48 @@ def test_parameter_gradient_hooks_fire_once_per_backward():
     y1, y2 = stack(x, x)
     (y1 * y2).sum().backward()
     assert runs == {name: 1 for name, _ in stack.named_parameters()}
+
+
+class ScaledConcat(engine.SequenceOutput):
+    """cat(y1, y2) * scale, inverted from itself alone (or not at all, with ``invertible``
+    False)."""
+
+    def __init__(self, scale: nn.Parameter, invertible: bool):
+        self.scale, self.invertible = scale, invertible
+
+    def __call__(self, y1, y2):
+        return torch.cat([y1, y2], dim=-1) * self.scale
+
+    def parameters(self):
+        return [self.scale]
+
+    def forward_kept(self, y1, y2):
+        return self(y1, y2), (() if self.invertible else None)
+
+    def inverse(self, out, kept):
+        return (out / self.scale).chunk(2, dim=-1)
+
+
+@pytest.mark.parametrize("invertible", [True, False])
+def test_a_sequence_output_is_kept_instead_of_the_streams(invertible):
+    """Same float64 gradients as autograd (the output's parameter included); what is kept till
+    backward is the output when it can be inverted, the streams otherwise."""
+    stack = make_stack(4, dim=8).train()
+    scale = nn.Parameter(torch.linspace(0.5, 2.0, 16, dtype=torch.float64))
+    x = torch.randn(2, 12, 8, dtype=torch.float64, requires_grad=True)
+    grads, kept = {}, {}
+    for mode in ("autograd", "reversible"):
+        stack.zero_grad(set_to_none=True)
+        scale.grad = x.grad = None
+        torch.manual_seed(1)
+        with MemoryTracker() as mem:
+            out = engine.reversible_sequence(
+                list(stack), x, x, mode, output=ScaledConcat(scale, invertible)
+            )
+            kept[mode] = mem.current
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads[mode] = [x.grad, scale.grad, *(p.grad for p in stack.parameters())]
+    for got, ref in zip(grads["reversible"], grads["autograd"], strict=True):
+        assert rel_err(got, ref) <= 1e-10
+    out_bytes = out.numel() * out.element_size()
+    assert kept["reversible"] == (out_bytes if invertible else 2 * out_bytes)

@@ -10,10 +10,12 @@ and its input can be rebuilt from its output (:meth:`ReversibleBlock.inverse`)::
     X2 = Y2 - G(Y1)
     X1 = Y1 - F(X2)
 
-So a sequence of such blocks needs to keep only its last output for backward. Walking the
-blocks in reverse, each block's input is rebuilt, F and G are re-run under autograd, and the
-gradients flow one block at a time: activation memory is O(1) in depth instead of O(depth),
-for the price of one extra forward of F and G per block.
+So a sequence of such blocks needs to keep only its last output for backward; or, when the
+sequence ends in a map that can be inverted (:class:`SequenceOutput`, e.g. the streams
+concatenated and normalised), only that map, which its consumer keeps anyway, and what inverts
+it. Walking the blocks in reverse, each block's input is rebuilt, F and G are re-run under
+autograd, and the gradients flow one block at a time: activation memory is O(1) in depth
+instead of O(depth), for the price of one extra forward of F and G per block.
 
 Three ways to back-propagate through the same blocks (same parameters, outputs and
 gradients; only memory and time differ) are selected by ``backprop``:
