@@ -133,13 +133,21 @@ def detection_forward(model, batch, amp: bool) -> Callable[[], torch.Tensor]:
     return forward
 
 
-def backbone_forward(backbone, images, amp: bool) -> Callable[[], torch.Tensor]:
-    """A scalar of the features of ``backbone`` (or of a trunk alone) on ``images``, each feature
-    map's mean, so that backward reaches every output."""
+def backbone_forward(
+    backbone, images, amp: bool, keep_features: bool = False
+) -> Callable[[], torch.Tensor]:
+    """A scalar of the features of ``backbone`` (or of a trunk alone) on ``images``, so that
+    backward reaches every output: each feature map's mean, or with ``keep_features`` its mean
+    square, which keeps the maps till backward as a detector's heads do (their first
+    convolutions save their inputs for the weight gradients); a backbone that relies on that
+    (the reversible pyramid inverts its levels from their outputs) is then measured as in a
+    detector."""
 
     def forward():
         with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
             features = backbone(images)
+        if keep_features:
+            return sum((f * f).float().mean() for f in features.values())
         return sum(f.float().mean() for f in features.values())
 
     return forward
@@ -240,7 +248,7 @@ class Detection:
             self._rows[key] = row
         if backbone and row["measured"]:
             images = model.preprocess_image(data).tensor
-            forward = backbone_forward(model.backbone, images, self.args.amp)
+            forward = backbone_forward(model.backbone, images, self.args.amp, keep_features=True)
             mem = measure(forward, model.backbone.parameters(), self.args.device)
             row.update({f"backbone_{k}": v for k, v in mem.items()})
         return row
