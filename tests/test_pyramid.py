@@ -68,19 +68,23 @@ def test_reversible_pyramid_keeps_its_outputs_and_two_numbers_per_pixel_till_bac
     assert stored == sum(o.numel() * o.element_size() for o in outputs.values()) + statistics
 
 
-def pyramid_gradients(mode, small_weight=False):
+def pyramid_gradients(mode, case="inverted"):
     """Outputs and float64 gradients of a reversible pyramid in ``mode`` (norms randomised, so
-    that the inversion of the levels' output norms is exercised)."""
+    that the inversion of the levels' output norms is exercised). ``case``: "inverted", "small
+    weight" (one output norm weight too small to invert) or "group norm" (every norm)."""
     x1, x2 = (x.double().requires_grad_(True) for x in streams(dim=32, n=8))
     torch.manual_seed(1)
     trunk = FixedStreams(x1, x2, mode)
-    pyramid = ReversibleFeaturePyramid(trunk, out_channels=16, top_block=LastLevelMaxPool())
+    norm = (lambda channels: nn.GroupNorm(4, channels)) if case == "group norm" else "LN"
+    pyramid = ReversibleFeaturePyramid(
+        trunk, out_channels=16, top_block=LastLevelMaxPool(), norm=norm
+    )
     pyramid.double().train()
     for m in pyramid.modules():
-        if isinstance(m, LayerNorm2d):
+        if isinstance(m, (LayerNorm2d, nn.GroupNorm)):
             nn.init.normal_(m.weight, 1.0, 0.3)
             nn.init.normal_(m.bias, 0.0, 0.3)
-    if small_weight:
+    if case == "small weight":
         with torch.no_grad():
             pyramid.levels[0].norm.weight[3] = 1e-4
     outputs = pyramid(None)
@@ -90,22 +94,22 @@ def pyramid_gradients(mode, small_weight=False):
     return outputs, {**grads, "x1": x1.grad, "x2": x2.grad}
 
 
-@pytest.mark.parametrize("small_weight", [False, True], ids=["inverted", "streams kept"])
+@pytest.mark.parametrize("case", ["inverted", "small weight", "group norm"])
 @pytest.mark.parametrize("mode", ["reversible", "checkpoint"])
-def test_pyramid_gradients_equal_autograd_float64(mode, small_weight, caplog):
-    """Also where a level's output norm has a weight too small to invert (the level keeps its
-    streams then, and says so)."""
+def test_pyramid_gradients_equal_autograd_float64(mode, case, caplog):
+    """Also where a level's output norm has a weight too small to invert, or is not a
+    LayerNorm (the level keeps its streams then, and says so)."""
     _log_streams_kept.cache_clear()  # it warns once per process
-    ref_out, ref = pyramid_gradients("autograd", small_weight)
+    ref_out, ref = pyramid_gradients("autograd", case)
     with caplog.at_level("WARNING"):
-        out, got = pyramid_gradients(mode, small_weight)
+        out, got = pyramid_gradients(mode, case)
     assert set(got) == set(ref) and all(g is not None for g in got.values())
     for name, expected in ref.items():
         assert rel_err(got[name], expected) <= 1e-10, name
     for name, expected in ref_out.items():
         assert rel_err(out[name], expected) <= 1e-12, name
     kept = "keeps its coupling streams" in caplog.text
-    assert kept == (mode == "reversible" and small_weight)
+    assert kept == (mode == "reversible" and case != "inverted")
 
 
 def test_reversible_pyramid_levels_are_not_re_run_in_backward(monkeypatch):
@@ -172,6 +176,31 @@ def test_layer_norm_2d_keeps_its_inputs_memory_format():
         out = norm(given)
         assert out.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_layer_norm_2d_statistics_are_the_forwards_and_invert_it(fmt):
+    """forward_with_statistics returns forward's output bit for bit and each pixel's mean and
+    1/std over the channels; inverse rebuilds the input from them (float64: to rounding), as
+    dense channel groups in the requested memory format."""
+    torch.manual_seed(0)
+    norm = LayerNorm2d(8).double()
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (3 * torch.randn(2, 8, 5, 6, dtype=torch.float64) + 1).contiguous(memory_format=fmt)
+    out, mean, rstd = norm.forward_with_statistics(x)
+    assert torch.equal(out, norm(x)) and out.is_contiguous(memory_format=fmt)
+    var, expected_mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(rstd, torch.rsqrt(var + norm.eps), rtol=1e-12, atol=0)
+    halves = norm.inverse(out, mean, rstd, chunks=2, memory_format=torch.channels_last)
+    assert len(halves) == 2
+    for got, want in zip(halves, x.chunk(2, dim=1)):
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    (whole,) = norm.inverse(out, mean, rstd)
+    assert whole.is_contiguous()
+    torch.testing.assert_close(whole, x, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["reversible", "checkpoint", "autograd"])

@@ -1,6 +1,6 @@
 """Small layers that Detectron2 v0.6 lacks (Detectron2 main has equivalents)."""
 
-from typing import Callable, Union
+from typing import Callable, Tuple, Union
 
 import torch
 from detectron2.layers import get_norm as d2_get_norm
@@ -31,8 +31,55 @@ class LayerNorm2d(nn.Module):
         # The normalised shape is a constant (not x.shape), so that ONNX export sees no shape op.
         y = nn.functional.layer_norm(
             x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps
-        ).permute(0, 3, 1, 2)
-        return y.contiguous(memory_format=_memory_format(x))
+        )
+        return _channels_first(y, x)
+
+    def forward_with_statistics(
+        self, x: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward`, and each pixel's mean and reciprocal standard deviation over the
+        channels, (N, 1, H, W), exactly those the output was normalised with (one fused op).
+
+        Returns:
+            The output (as :meth:`forward`'s), mean, rstd.
+        """
+        y, mean, rstd = torch.native_layer_norm(
+            x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps
+        )
+        return _channels_first(y, x), mean.permute(0, 3, 1, 2), rstd.permute(0, 3, 1, 2)
+
+    def inverse(
+        self,
+        y: torch.Tensor,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        chunks: int = 1,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> Tuple[torch.Tensor, ...]:
+        """The input of ``y = self(x)`` from ``y`` and :meth:`forward_with_statistics`' mean and
+        rstd: ``x = (y - bias) / weight / rstd + mean``.
+
+        A weight near zero amplifies the rounding of ``y`` by up to std / |weight|: the caller
+        decides whether to trust the inverse (the reversible pyramid checks |weight| first).
+
+        Returns:
+            x split into ``chunks`` groups of channels (as ``x.chunk(chunks, dim=1)``), each a
+            new dense tensor in ``memory_format``.
+        """
+        groups = zip(y.chunk(chunks, dim=1), self.weight.chunk(chunks), self.bias.chunk(chunks))
+        return tuple(
+            part.to(memory_format=memory_format, copy=True)
+            .sub_(bias[:, None, None])
+            .div_(weight[:, None, None])
+            .div_(rstd)
+            .add_(mean)
+            for part, weight, bias in groups
+        )
+
+
+def _channels_first(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The (N, H, W, C) result ``y`` of a norm of ``x`` as (N, C, H, W) in ``x``'s memory format."""
+    return y.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

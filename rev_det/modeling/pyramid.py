@@ -229,19 +229,14 @@ class _NormedStreams(SequenceOutput):
     (N, C, H, W)-contiguous for the heads.
 
     With rev_det's LayerNorm2d (norm "LN") it is inverted from each pixel's mean and standard
-    deviation over the channels (two numbers per pixel, 1/128 of the streams at 256 channels):
-    ``z = (out - bias) / weight / rstd + mean``. A norm weight near zero would amplify the
-    rounding of ``out`` in that division, so below :data:`MIN_INVERTIBLE_WEIGHT` in magnitude
-    (and for other norms) the level keeps its streams instead, as a reversible sequence without
-    an output does.
+    deviation over the channels (two numbers per pixel, 1/128 of the streams at 256 channels),
+    those the forward normalised with (:meth:`LayerNorm2d.inverse`). A level whose norm cannot
+    be inverted (``invertible`` False, see :func:`_invertible`) keeps its streams instead, as a
+    reversible sequence without an output does.
     """
 
-    # |weight| below which the inverse is not trusted: it multiplies the rounding error of the
-    # output by up to std / |weight| (fp32: 6e-8 relative to |out - bias|).
-    MIN_INVERTIBLE_WEIGHT = 1e-3
-
-    def __init__(self, norm: nn.Module):
-        self.norm = norm
+    def __init__(self, norm: nn.Module, invertible: bool):
+        self.norm, self.invertible = norm, invertible
 
     def __call__(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         return self.norm(torch.cat([y1, y2], dim=1)).contiguous()
@@ -250,24 +245,37 @@ class _NormedStreams(SequenceOutput):
         return list(self.norm.parameters())
 
     def forward_kept(self, y1, y2):
-        z = torch.cat([y1, y2], dim=1)
-        out = self.norm(z).contiguous()
-        norm = self.norm
-        invertible = isinstance(norm, LayerNorm2d) and bool(
-            norm.weight.abs().min() >= self.MIN_INVERTIBLE_WEIGHT
-        )
-        if not invertible:
-            _log_streams_kept(type(norm).__name__)
-            return out, None
-        var, mean = torch.var_mean(z, dim=1, correction=0, keepdim=True)
-        return out, (mean, torch.rsqrt(var + norm.eps))
+        if not self.invertible:
+            return self(y1, y2), None
+        out, mean, rstd = self.norm.forward_with_statistics(torch.cat([y1, y2], dim=1))
+        return out.contiguous(), (mean, rstd)
 
     def inverse(self, out, kept):
-        mean, rstd = kept
-        weight, bias = self.norm.weight[:, None, None], self.norm.bias[:, None, None]
-        # One new map, channels-last as the coupling blocks ran in forward (_Level.couple).
-        z = out.to(memory_format=torch.channels_last, copy=True)
-        return z.sub_(bias).div_(weight).div_(rstd).add_(mean).chunk(2, dim=1)
+        # Channels-last, as the coupling blocks ran in forward (_Level.couple); dense halves, so
+        # that their gradients come channels-last too (a leaf's gradient takes its layout only
+        # if it is dense), as the coupling blocks' activations are.
+        return self.norm.inverse(out, *kept, chunks=2, memory_format=torch.channels_last)
+
+
+# |weight| of an LN below which its inverse is not trusted: it multiplies the rounding error of
+# the output by up to std / |weight| (fp32: 6e-8 relative to |out - bias|).
+MIN_INVERTIBLE_WEIGHT = 1e-3
+
+
+def _invertible(norms: Sequence[nn.Module]) -> List[bool]:
+    """Per level output norm, whether :class:`_NormedStreams` inverts it: a LayerNorm2d with
+    every |weight| >= :data:`MIN_INVERTIBLE_WEIGHT`. A level that cannot invert its norm is
+    logged once."""
+    layer_norms = [n for n in norms if isinstance(n, LayerNorm2d)]
+    smallest = {}
+    if layer_norms:  # one device-to-host copy for all levels
+        values = torch.stack([n.weight.detach().abs().min() for n in layer_norms]).tolist()
+        smallest = dict(zip(map(id, layer_norms), values))
+    flags = [smallest.get(id(n), 0.0) >= MIN_INVERTIBLE_WEIGHT for n in norms]
+    for norm, flag in zip(norms, flags):
+        if not flag:
+            _log_streams_kept(type(norm).__name__)
+    return flags
 
 
 @lru_cache(maxsize=None)
@@ -277,7 +285,7 @@ def _log_streams_kept(norm: str):
         "LN, or an LN weight below %g in magnitude): the level keeps its coupling streams for "
         "backward (the memory of one more output per level). Same gradients.",
         norm,
-        _NormedStreams.MIN_INVERTIBLE_WEIGHT,
+        MIN_INVERTIBLE_WEIGHT,
     )
 
 
@@ -305,13 +313,19 @@ class _Level(nn.Module):
         """
         return self.couple(run_recomputed(recompute, self.resample, x), mode)
 
-    def couple(self, h: torch.Tensor, mode: str) -> torch.Tensor:
-        """The coupling blocks and the output norm on the resampled map ``h``."""
+    def couple(self, h: torch.Tensor, mode: str, invertible: bool = False) -> torch.Tensor:
+        """The coupling blocks and the output norm on the resampled map ``h``.
+
+        Args:
+            mode: the coupling blocks' backprop mode.
+            invertible: in "reversible" mode, keep the output and the norm's statistics
+                instead of the streams (see :class:`_NormedStreams`).
+        """
         # The coupling blocks run channels-last (their norms keep it, see LayerNorm2d): their
         # 3x3 convolutions take most of the pyramid's time, and on CPU the level's forward +
         # backward is 12-15% faster so. The output is contiguous (N, C, H, W) for the heads.
         h = h.contiguous(memory_format=torch.channels_last)
-        output = _NormedStreams(self.norm)
+        output = _NormedStreams(self.norm, invertible)
         return reversible_sequence(
             list(self.couplings), *h.chunk(2, dim=1), backprop=mode, output=output
         )
@@ -413,11 +427,15 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
             reduced = run_recomputed(True, self._reduced, x1, x2)
             results = [run_recomputed(True, level, reduced, mode, True) for level in self.levels]
         else:
+            invertible = _invertible([level.norm for level in self.levels])
             results = recomputed_branches(
                 self._reduced,
                 [level.resample for level in self.levels],
                 (x1, x2),
                 self,
-                finish=[partial(level.couple, mode=mode) for level in self.levels],
+                finish=[
+                    partial(level.couple, mode=mode, invertible=flag)
+                    for level, flag in zip(self.levels, invertible)
+                ],
             )
         return self._with_top_block(list(results))

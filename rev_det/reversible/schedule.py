@@ -114,6 +114,17 @@ def _take(handle: _Handle, lane: Lane) -> torch.Tensor:
     return handle.tensor
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """Whether every element of ``x`` is finite, as a 0-dim bool tensor (no host sync).
+
+    One pass over ``x``: its sum is inf or nan when an element is (``isfinite(x).all()`` takes
+    four). The sum also overflows when the elements come within a factor ``x.numel()`` of the
+    largest float32 (or float64) value; such a stream counts as overflowed, which it is for
+    the norms of the next block.
+    """
+    return torch.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)))
+
+
 def run_backward(steps: Sequence, streams, grads, lanes, lookahead: int):
     """Run the backward's steps; return the gradients of the input streams and finiteness flags.
 
@@ -155,7 +166,7 @@ def run_backward(steps: Sequence, streams, grads, lanes, lookahead: int):
     ready = main.mark()
     streams = [_Handle(s, main, ready) for s in streams]
     grads = [_Handle(g, main, ready) for g in grads]
-    finite = [torch.isfinite(streams[0].tensor).all() & torch.isfinite(streams[1].tensor).all()]
+    finite = [_finite(streams[0].tensor) & _finite(streams[1].tensor)]
     pending = collections.deque()
 
     def backprop(k: int):
@@ -171,7 +182,7 @@ def run_backward(steps: Sequence, streams, grads, lanes, lookahead: int):
             rebuilt = step.rebuild((_take(streams[0], lane), _take(streams[1], lane)))
             target = 1 - step.source
             streams[target] = _Handle(rebuilt[target], lane, lane.mark())
-            finite.append(torch.isfinite(rebuilt[target]).all())
+            finite.append(_finite(rebuilt[target]))
         pending.append(k)
         if len(pending) > lookahead:
             backprop(pending.popleft())
