@@ -24,8 +24,10 @@ def add_revdet_config(cfg: CN) -> CN:
     # SimpleFeaturePyramid (RevViT); "fpn": Detectron2's FPN, stored activations (RevMViT). The
     # table of these pairs is rev_det.modeling.PYRAMIDS.
     _c.MODEL.REV.PYRAMID = "reversible"
-    # Coupling blocks per level of the reversible pyramid.
-    _c.MODEL.REV.PYRAMID_BLOCKS = 2
+    # Coupling blocks per level of the reversible pyramid (see ReversibleFeaturePyramid): one
+    # is the demo's measured-accurate pyramid and, with its backward, costs about what ViTDet's
+    # pyramid costs; two have the FLOPs of ViTDet's 3x3 conv in each pass.
+    _c.MODEL.REV.PYRAMID_BLOCKS = 1
     # Pad images to a square of this size, rounded up to the size divisibility (RevViT only; the
     # pyramid pads, on every Detectron2 version, and rejects larger images; 0: divisibility only).
     _c.MODEL.REV.SQUARE_PAD = 0

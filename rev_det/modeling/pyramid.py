@@ -368,7 +368,11 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
         out_channels: channels of every output level (D, even).
         scale_factors: resampling per level (trunk stride / level stride); None: p2-p5, i.e.
             (4, 2, 1, 0.5) on a stride-16 trunk, (2, 1, 0.5, 0.25) on a stride-8 one.
-        num_blocks: coupling blocks per level.
+        num_blocks: coupling blocks per level. One (F and G: 3x3 convs on the D/2-channel
+            halves) has half the parameters and FLOPs of ViTDet's 3x3 conv, so that with the
+            recomputation of its backward the pyramid costs about what ViTDet's costs; on the
+            demo it is as accurate as ViTDet's pyramid, and two were no better
+            (``docs/demo.md``).
         top_block: extra coarser levels from the last one (e.g. LastLevelMaxPool for p6).
         norm: "LN", a Detectron2 norm name, or a callable taking the channel count.
         square_pad: pad inputs to a square of this size, rounded up to size_divisibility (0: pad
@@ -382,7 +386,7 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
         width: Optional[int] = None,
         out_channels: int = 256,
         scale_factors: Optional[Sequence[float]] = None,
-        num_blocks: int = 2,
+        num_blocks: int = 1,
         top_block: Optional[nn.Module] = None,
         norm="LN",
         square_pad: int = 0,
