@@ -371,8 +371,8 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
         num_blocks: coupling blocks per level. One (F and G: 3x3 convs on the D/2-channel
             halves) has half the parameters and FLOPs of ViTDet's 3x3 conv, so that with the
             recomputation of its backward the pyramid costs about what ViTDet's costs; on the
-            demo it is as accurate as ViTDet's pyramid, and two were no better
-            (``docs/demo.md``).
+            demo it is as accurate as ViTDet's pyramid (two were no better with an earlier
+            resampling; ``docs/demo.md``).
         top_block: extra coarser levels from the last one (e.g. LastLevelMaxPool for p6).
         norm: "LN", a Detectron2 norm name, or a callable taking the channel count.
         square_pad: pad inputs to a square of this size, rounded up to size_divisibility (0: pad
