@@ -251,9 +251,8 @@ class _NormedStreams(SequenceOutput):
         return out.contiguous(), (mean, rstd)
 
     def inverse(self, out, kept):
-        # Channels-last, as the coupling blocks ran in forward (_Level.couple); dense halves, so
-        # that their gradients come channels-last too (a leaf's gradient takes its layout only
-        # if it is dense), as the coupling blocks' activations are.
+        # Dense channels-last halves, as the coupling blocks ran in forward (_Level.couple; see
+        # SequenceOutput.inverse).
         return self.norm.inverse(out, *kept, chunks=2, memory_format=torch.channels_last)
 
 
@@ -266,12 +265,11 @@ def _invertible(norms: Sequence[nn.Module]) -> List[bool]:
     """Per level output norm, whether :class:`_NormedStreams` inverts it: a LayerNorm2d with
     every |weight| >= :data:`MIN_INVERTIBLE_WEIGHT`. A level that cannot invert its norm is
     logged once."""
-    layer_norms = [n for n in norms if isinstance(n, LayerNorm2d)]
-    smallest = {}
-    if layer_norms:  # one device-to-host copy for all levels
-        values = torch.stack([n.weight.detach().abs().min() for n in layer_norms]).tolist()
-        smallest = dict(zip(map(id, layer_norms), values))
-    flags = [smallest.get(id(n), 0.0) >= MIN_INVERTIBLE_WEIGHT for n in norms]
+    inverts = [isinstance(n, LayerNorm2d) for n in norms]
+    weights = [n.weight.detach().abs().min() for n, ok in zip(norms, inverts) if ok]
+    # One device-to-host copy for all levels.
+    smallest = iter(torch.stack(weights).tolist() if weights else [])
+    flags = [ok and next(smallest) >= MIN_INVERTIBLE_WEIGHT for ok in inverts]
     for norm, flag in zip(norms, flags):
         if not flag:
             _log_streams_kept(type(norm).__name__)

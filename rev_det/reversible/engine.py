@@ -178,7 +178,12 @@ class SequenceOutput:
     def inverse(
         self, out: torch.Tensor, kept: Tuple[torch.Tensor, ...]
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The streams from the output and what :meth:`forward_kept` returned beside it."""
+        """The streams from the output and what :meth:`forward_kept` returned beside it.
+
+        Return each stream as a dense tensor in the memory format the blocks ran in (not, e.g.,
+        a slice of one tensor): backward makes them the leaves whose gradients start the
+        blocks' backward, and a leaf's gradient takes its layout only when it is dense.
+        """
         raise NotImplementedError
 
 
