@@ -1,6 +1,7 @@
 """The pyramid adapters on their own: padding, memory, and no recomputation in inference."""
 
 import collections
+import importlib
 import os
 import sys
 
@@ -124,10 +125,27 @@ def test_reversible_pyramid_levels_are_not_re_run_in_backward(monkeypatch):
     pyramid = ReversibleFeaturePyramid(FixedStreams(*streams(), "reversible"), out_channels=32)
     pyramid.train()
     for level in pyramid.levels:
-        level.resample.register_forward_pre_hook(lambda *args: calls.update(["resample"]))
+        level.resample[0].register_forward_pre_hook(lambda *args: calls.update(["resample"]))
     sum(o.sum() for o in pyramid(None).values()).backward()
     blocks = sum(len(level.couplings) for level in pyramid.levels)
     assert calls == {"F": 2 * blocks, "G": 2 * blocks, "resample": 2 * len(pyramid.levels)}
+
+
+@pytest.mark.parametrize("mode", ["autograd", "reversible"])
+def test_reversible_levels_are_channels_last_from_the_projection_to_the_heads_input(mode):
+    """The projection's output, which the couplings take as it is, is channels-last (no layout
+    copy of the level's map between them); the levels' outputs are contiguous for the heads."""
+    pyramid = ReversibleFeaturePyramid(FixedStreams(*streams(), mode), out_channels=32).train()
+    formats = []
+    for level in pyramid.levels:
+        level.resample[-1].register_forward_hook(
+            lambda module, args, out: formats.append(
+                out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+            )
+        )
+    outputs = pyramid(None)
+    assert formats == [True] * len(pyramid.levels)
+    assert all(o.is_contiguous() for o in outputs.values())
 
 
 @pytest.mark.parametrize("mode,fusions", [("reversible", 3), ("checkpoint", 2), ("autograd", 1)])
@@ -275,11 +293,16 @@ def test_pyramid_memory_tool_reports_every_adapter_with_times(capsys):
     pyramid_memory.main(["--size", "256", "--dim", "64", "--out-channels", "32", "--repeats", "1"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
     stored = {name.strip(): float(cells[0]) for name, *cells in rows}
+    # Detectron2's own pyramid (ViTDet's) is there on Detectron2 main only, with its column.
+    detectron2 = hasattr(importlib.import_module("detectron2.modeling"), "SimpleFeaturePyramid")
     assert set(stored) == {
         "SimpleFeaturePyramid (autograd)",
         *(f"ReversibleFeaturePyramid ({m})" for m in ("autograd", "checkpoint", "reversible")),
+        *([pyramid_memory.DETECTRON2] if detectron2 else []),
     }
-    assert all(len(cells) == 6 and float(cells[4]) > 0 for cells in rows)
+    assert all(len(cells) == 6 + detectron2 and float(cells[4]) > 0 for cells in rows)
+    by_name = {name.strip(): cells for name, *cells in rows}
+    assert by_name["SimpleFeaturePyramid (autograd)"][4].strip() == "1.00x"  # paired with itself
     assert (
         stored["ReversibleFeaturePyramid (reversible)"] < stored["SimpleFeaturePyramid (autograd)"]
     )

@@ -134,6 +134,21 @@ def test_conv_stem_keeps_the_token_grid_and_plain_checkpoints():
         tiny_rev_vit(stem_channels=(4, 4, 4, 4, 4))
 
 
+@pytest.mark.parametrize("backprop", ["autograd", "reversible"])
+def test_tokens_are_dense_channels_last_in_every_block(backprop):
+    """The streams inherit the patch embedding's strides through every coupling: channels-first
+    strides there would make each block's norms and linear layers copy their inputs."""
+    net = tiny_rev_vit(backprop=backprop).train()
+    dense = []
+    for block in net.blocks:
+        for norm in (block.norm1, block.norm2):
+            norm.register_forward_pre_hook(
+                lambda module, args: dense.append(args[0].is_contiguous())
+            )
+    net(torch.randn(1, 3, 64, 64))["last_feat"].sum().backward()
+    assert dense and all(dense)
+
+
 def test_bad_inputs_and_arguments_are_named():
     model = tiny_rev_vit().eval()
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\).*channels"):

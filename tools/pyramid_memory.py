@@ -5,23 +5,32 @@ Feeds fixed two-stream trunk outputs (created before measuring, so they are not 
 the simple pyramid (ViTDet's, from the stream width C, as ``MODEL.REV.PYRAMID "simple"``
 builds it) and to ReversibleFeaturePyramid in each backprop mode, and reports what each keeps
 between forward and backward ("stored") and the peak of forward + backward, with frozen weights
-(parameter gradients excluded; exact tracker). With ``--repeats`` it also times forward +
-backward with trainable weights: the median of that many interleaved runs after a warm-up.
+(parameter gradients excluded; exact tracker). On Detectron2 main, Detectron2's own
+``SimpleFeaturePyramid`` (ViTDet's) is measured beside them, on a fixed C-channel map (a ViT's
+output). With ``--repeats`` it also times forward + backward with trainable weights: the median
+of that many interleaved runs after a warm-up, and each adapter's time over the simple
+pyramid's and Detectron2's, paired round by round.
 
 Usage: ``python tools/pyramid_memory.py --size 1024 --dim 768 [--repeats 5]``
 """
 
 import argparse
 import statistics
-import time
+from typing import Optional
 
 import torch
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
+from rev_det.benchmark.measure import interleaved_times, paired_ratio
 from rev_det.modeling import ReversibleFeaturePyramid, SimpleFeaturePyramid, TwoStreamTrunk
 from rev_det.utils import MemoryTracker, MiB
+
+SIMPLE = "SimpleFeaturePyramid (autograd)"
+DETECTRON2 = "Detectron2 SimpleFeaturePyramid (ViTDet, autograd)"
+REFERENCES = {SIMPLE: "simple", DETECTRON2: "Detectron2"}
 
 
 class FixedStreams(TwoStreamTrunk):
@@ -45,6 +54,31 @@ class FixedStreams(TwoStreamTrunk):
         return {"last_feat": ShapeSpec(channels=2 * self.x1.shape[1], stride=16)}
 
 
+class FixedMap(Backbone):
+    """A stand-in ViT returning a given map as its stride-16 ``last_feat``."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+        self._out_features = ["last_feat"]
+
+    def forward(self, images):
+        return {"last_feat": self.x}
+
+    def output_shape(self):
+        return {"last_feat": ShapeSpec(channels=self.x.shape[1], stride=16)}
+
+
+def detectron2_pyramid(x, **common) -> Optional[nn.Module]:
+    """Detectron2's own SimpleFeaturePyramid on the map ``x`` (as ViTDet builds it); None on
+    Detectron2 v0.6, which has none."""
+    try:
+        from detectron2.modeling import SimpleFeaturePyramid as Detectron2Pyramid
+    except ImportError:
+        return None
+    return Detectron2Pyramid(FixedMap(x), "last_feat", scale_factors=(4.0, 2.0, 1.0, 0.5), **common)
+
+
 def measure(pyramid):
     pyramid.train().requires_grad_(False)
     with MemoryTracker() as mem:
@@ -55,16 +89,19 @@ def measure(pyramid):
 
 
 def seconds(pyramids, repeats):
-    """Median forward + backward time of each pyramid, runs interleaved, after a warm-up."""
-    times = {name: [] for name in pyramids}
-    for i in range(repeats + 1):
-        for name, pyramid in pyramids.items():
-            pyramid.train().zero_grad(set_to_none=True)
-            start = time.perf_counter()
+    """Each pyramid's forward + backward times, runs interleaved, after a warm-up."""
+
+    def step(pyramid):
+        def run():
+            pyramid.zero_grad(set_to_none=True)
             sum(o.sum() for o in pyramid(None).values()).backward()
-            if i:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+
+        return run
+
+    steps = [step(pyramid.train()) for pyramid in pyramids.values()]
+    for run in steps:
+        run()
+    return dict(zip(pyramids, interleaved_times(steps, repeats, "cpu")))
 
 
 def main(argv=None):
@@ -75,34 +112,37 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=0, help="timed runs per adapter (0: none)")
     args = parser.parse_args(argv)
     n = args.size // 16
-    x1 = torch.randn(1, args.dim, n, n, requires_grad=True)
-    x2 = torch.randn(1, args.dim, n, n, requires_grad=True)
+    # (B, C, h, w) views of (B, h, w, C) tensors, as ViT and RevViT return their tokens.
+    x1, x2 = (torch.randn(1, n, n, args.dim).permute(0, 3, 1, 2).requires_grad_() for _ in range(2))
     common = dict(out_channels=args.out_channels, top_block=LastLevelMaxPool(), norm="LN")
 
     def pyramids():
         torch.manual_seed(0)
         built = {
-            "SimpleFeaturePyramid (autograd)": SimpleFeaturePyramid(
-                FixedStreams(x1, x2, "autograd"), width=args.dim, **common
-            )
+            SIMPLE: SimpleFeaturePyramid(FixedStreams(x1, x2, "autograd"), width=args.dim, **common)
         }
         for mode in ("autograd", "checkpoint", "reversible"):
             built[f"ReversibleFeaturePyramid ({mode})"] = ReversibleFeaturePyramid(
                 FixedStreams(x1, x2, mode), **common
             )
+        detectron2 = detectron2_pyramid(x1, **common)
+        if detectron2 is not None:
+            built[DETECTRON2] = detectron2
         return built
 
     rows = {name: measure(pyramid) for name, pyramid in pyramids().items()}
     times = seconds(pyramids(), args.repeats) if args.repeats else {}
-    base = rows["SimpleFeaturePyramid (autograd)"][0]
+    references = [name for name in (SIMPLE, DETECTRON2) if name in rows] if times else []
     head = f"| pyramid, {args.size}x{args.size}, C={args.dim} | stored MiB | vs simple | peak MiB |"
-    print(head + (" fwd+bwd s | vs simple |" if times else ""))
-    print("|---|---|---|---|" + ("---|---|" if times else ""))
+    head += " fwd+bwd s |" if times else ""
+    print(head + "".join(f" vs {REFERENCES[name]} |" for name in references))
+    print("|---|---|---|---|" + "---|" * (len(references) + bool(times)))
     for name, (stored, peak) in rows.items():
-        row = f"| {name} | {stored:.1f} | {100 * stored / base:.0f}% | {peak:.1f} |"
+        row = f"| {name} | {stored:.1f} | {100 * stored / rows[SIMPLE][0]:.0f}% | {peak:.1f} |"
         if times:
-            ratio = times[name] / times["SimpleFeaturePyramid (autograd)"]
-            row += f" {times[name]:.2f} | {ratio:.2f}x |"
+            row += f" {statistics.median(times[name]):.2f} |"
+        for reference in references:
+            row += f" {paired_ratio(times[name], times[reference]):.2f}x |"
         print(row)
 
 

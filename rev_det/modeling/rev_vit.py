@@ -82,7 +82,7 @@ def vit_trunk_args(cfg) -> Dict[str, Any]:
 
 
 class PatchEmbed(nn.Module):
-    """Image to patch tokens: (B, C, H, W) -> (B, H / p, W / p, D).
+    """Image to patch tokens: (B, C, H, W) -> dense (B, H / p, W / p, D).
 
     By default one p x p convolution of stride p (``proj``), as in ViT and ViTDet. With
     ``stem_channels`` a convolutional stem comes first ("Early convolutions help transformers
@@ -129,7 +129,11 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(c_in, embed_dim, kernel_size=k, stride=k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.stem(x)).permute(0, 2, 3, 1)
+        # Dense (B, H, W, D), not a permuted view of the (B, D, H, W) convolution output: the
+        # streams take their strides from it through every coupling, and channels-first strides
+        # would make each LayerNorm and Linear of every block copy its input (forward and
+        # backward of the reversible blocks 2.6% slower on CPU).
+        return self.proj(self.stem(x)).permute(0, 2, 3, 1).contiguous()
 
 
 class Attention(nn.Module):
