@@ -172,6 +172,19 @@ def tiny_rev_mvit(**kw):
     return RevMViT(**args)
 
 
+def block_norm_inputs_dense(net, x):
+    """Whether each input of every block's norm1 and norm2 was a dense tensor, over one training
+    step of the trunk ``net`` on ``x`` (forward and, in a recomputing mode, backward)."""
+    dense = []
+    for block in net.blocks:
+        for norm in (block.norm1, block.norm2):
+            norm.register_forward_pre_hook(
+                lambda module, args: dense.append(args[0].is_contiguous())
+            )
+    sum(f.sum() for f in net.train()(x).values()).backward()
+    return dense
+
+
 def run_entry(script, args, datasets_root):
     """Run an entry point; returns (exit status, stdout + stderr)."""
     env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONUNBUFFERED="1")

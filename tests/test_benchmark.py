@@ -3,11 +3,18 @@ tables, memory ordering, flat depth."""
 
 import os
 
-import detectron2.modeling
 import pytest
 from helpers import load_script
 
-from rev_det.benchmark import MODES, SECTIONS, GiB, MemoryBudget, budgeted, largest_batch
+from rev_det.benchmark import (
+    HAS_VITDET,
+    MODES,
+    SECTIONS,
+    GiB,
+    MemoryBudget,
+    budgeted,
+    largest_batch,
+)
 from rev_det.benchmark.measure import paired_ratio
 from rev_det.benchmark.sections.classification import marginal_per_image
 from rev_det.benchmark.sections.speed import SpeedRun, speed_runs
@@ -203,7 +210,7 @@ def test_speed_section_times_detectron2s_vitdet_first_where_it_exists(tmp_path):
     args = ["--size", "128", "--sections", "speed", "--repeats", "1", "--warmup", "1"]
     results = cli.main(args + ["--out", str(tmp_path), "--opts", *TINY])
     rows = [(r["backprop"], r["pyramid"]) for r in results["speed"]]
-    if not hasattr(detectron2.modeling, "ViT"):  # Detectron2 v0.6
+    if not HAS_VITDET:  # Detectron2 v0.6
         assert rows == [("autograd", "simple"), ("checkpoint", "simple")] + [
             ("reversible", "reversible")
         ]

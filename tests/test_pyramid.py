@@ -1,7 +1,6 @@
 """The pyramid adapters on their own: padding, memory, and no recomputation in inference."""
 
 import collections
-import importlib
 import os
 import sys
 
@@ -13,6 +12,7 @@ from detectron2.structures import ImageList
 from helpers import rel_err
 from torch import nn
 
+from rev_det.benchmark import HAS_VITDET
 from rev_det.modeling import (
     LayerNorm2d,
     ReversibleFeaturePyramid,
@@ -294,13 +294,12 @@ def test_pyramid_memory_tool_reports_every_adapter_with_times(capsys):
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
     stored = {name.strip(): float(cells[0]) for name, *cells in rows}
     # Detectron2's own pyramid (ViTDet's) is there on Detectron2 main only, with its column.
-    detectron2 = hasattr(importlib.import_module("detectron2.modeling"), "SimpleFeaturePyramid")
     assert set(stored) == {
         "SimpleFeaturePyramid (autograd)",
         *(f"ReversibleFeaturePyramid ({m})" for m in ("autograd", "checkpoint", "reversible")),
-        *([pyramid_memory.DETECTRON2] if detectron2 else []),
+        *([pyramid_memory.DETECTRON2] if HAS_VITDET else []),
     }
-    assert all(len(cells) == 6 + detectron2 and float(cells[4]) > 0 for cells in rows)
+    assert all(len(cells) == 6 + HAS_VITDET and float(cells[4]) > 0 for cells in rows)
     by_name = {name.strip(): cells for name, *cells in rows}
     assert by_name["SimpleFeaturePyramid (autograd)"][4].strip() == "1.00x"  # paired with itself
     assert (

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from helpers import rel_err, tiny_rev_mvit
+from helpers import block_norm_inputs_dense, rel_err, tiny_rev_mvit
 from torch import nn
 
 from rev_det.modeling.attention import attention_with_rel_pos, rel_pos_table
@@ -64,6 +64,16 @@ def test_gradients_equal_across_backprop_modes_float64():
                 assert grads[mode][name].abs().max() <= 1e-12 * scale, (mode, name)
             else:
                 assert rel_err(grads[mode][name], ref) <= 1e-10, (mode, name)
+
+
+@pytest.mark.parametrize("backprop", ["autograd", "reversible"])
+def test_tokens_are_dense_channels_last_in_every_block(backprop):
+    """As in RevViT: the streams inherit the patch embedding's and the transitions' pooling
+    strides, and channels-first strides would make each block's norms and linear layers copy
+    their inputs."""
+    net = tiny_rev_mvit(backprop=backprop)
+    dense = block_norm_inputs_dense(net, torch.randn(1, 3, 64, 96))
+    assert len(dense) >= 2 * len(net.blocks) and all(dense)
 
 
 def test_transition_drop_path_drops_branches_not_the_feature_map():

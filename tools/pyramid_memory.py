@@ -16,7 +16,6 @@ Usage: ``python tools/pyramid_memory.py --size 1024 --dim 768 [--repeats 5]``
 
 import argparse
 import statistics
-from typing import Optional
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -24,7 +23,8 @@ from detectron2.modeling import Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
-from rev_det.benchmark.measure import interleaved_times, paired_ratio
+from rev_det.benchmark import interleaved_times, vitdet_pyramid
+from rev_det.benchmark.measure import paired_ratio
 from rev_det.modeling import ReversibleFeaturePyramid, SimpleFeaturePyramid, TwoStreamTrunk
 from rev_det.utils import MemoryTracker, MiB
 
@@ -67,16 +67,6 @@ class FixedMap(Backbone):
 
     def output_shape(self):
         return {"last_feat": ShapeSpec(channels=self.x.shape[1], stride=16)}
-
-
-def detectron2_pyramid(x, **common) -> Optional[nn.Module]:
-    """Detectron2's own SimpleFeaturePyramid on the map ``x`` (as ViTDet builds it); None on
-    Detectron2 v0.6, which has none."""
-    try:
-        from detectron2.modeling import SimpleFeaturePyramid as Detectron2Pyramid
-    except ImportError:
-        return None
-    return Detectron2Pyramid(FixedMap(x), "last_feat", scale_factors=(4.0, 2.0, 1.0, 0.5), **common)
 
 
 def measure(pyramid):
@@ -125,7 +115,7 @@ def main(argv=None):
             built[f"ReversibleFeaturePyramid ({mode})"] = ReversibleFeaturePyramid(
                 FixedStreams(x1, x2, mode), **common
             )
-        detectron2 = detectron2_pyramid(x1, **common)
+        detectron2 = vitdet_pyramid(FixedMap(x1), args.out_channels)
         if detectron2 is not None:
             built[DETECTRON2] = detectron2
         return built

@@ -33,12 +33,13 @@ from .measure import (
 )
 from .run import run, write_report
 from .sections import SECTIONS, Section, describe_sections
-from .vitdet import vitdet_backbone, vitdet_detector
+from .vitdet import HAS_VITDET, vitdet_backbone, vitdet_detector, vitdet_pyramid
 
 __all__ = [
     "BACKBONES",
     "Detection",
     "GiB",
+    "HAS_VITDET",
     "MODES",
     "MemoryBudget",
     "SECTIONS",
@@ -59,5 +60,6 @@ __all__ = [
     "training_step",
     "vitdet_backbone",
     "vitdet_detector",
+    "vitdet_pyramid",
     "write_report",
 ]

@@ -17,6 +17,7 @@ from .attention import (
     check_image,
     init_vit_weights,
     resize_abs_pos,
+    tokens_from_map,
     window_partition,
     window_unpartition,
 )
@@ -71,12 +72,12 @@ class ConvPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        return tokens_from_map(self.proj(x))
 
 
 def _pool(x: torch.Tensor, pool: nn.Module, norm: Optional[nn.Module] = None) -> torch.Tensor:
     """Apply a (B, C, H, W) pooling module to a (B, H, W, C) tensor, then an optional norm."""
-    x = pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    x = tokens_from_map(pool(x.permute(0, 3, 1, 2)))
     return norm(x) if norm is not None else x
 
 

@@ -16,6 +16,7 @@ from .attention import (
     check_image,
     init_vit_weights,
     resize_abs_pos,
+    tokens_from_map,
     window_partition,
     window_unpartition,
 )
@@ -129,11 +130,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(c_in, embed_dim, kernel_size=k, stride=k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Dense (B, H, W, D), not a permuted view of the (B, D, H, W) convolution output: the
-        # streams take their strides from it through every coupling, and channels-first strides
-        # would make each LayerNorm and Linear of every block copy its input (forward and
-        # backward of the reversible blocks 2.6% slower on CPU).
-        return self.proj(self.stem(x)).permute(0, 2, 3, 1).contiguous()
+        return tokens_from_map(self.proj(self.stem(x)))
 
 
 class Attention(nn.Module):
