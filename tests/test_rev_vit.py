@@ -6,8 +6,14 @@ from detectron2.checkpoint import DetectionCheckpointer
 from helpers import block_norm_inputs_dense, rel_err, tiny_rev_vit
 from torch import nn
 
-from rev_det.modeling.attention import attention_with_rel_pos, rel_pos_table
-from rev_det.modeling.rev_vit import RevViT
+from rev_det.benchmark import HAS_VITDET
+from rev_det.modeling.attention import (
+    attention_with_rel_pos,
+    rel_pos_table,
+    window_partition,
+    window_unpartition,
+)
+from rev_det.modeling.rev_vit import Attention, RevViT
 from rev_det.utils.memory import MemoryTracker
 
 
@@ -153,6 +159,61 @@ def test_bad_inputs_and_arguments_are_named():
         model(torch.randn(1, 3, 64, 70))
     with pytest.raises(ValueError, match=r"window_block_indexes \[4\] are outside the 4 blocks"):
         tiny_rev_vit(window_block_indexes=(0, 4))
+
+
+def windowed_attention(bias: bool) -> Attention:
+    """A float64 window attention whose bias, relative tables and qkv bias are all non-zero
+    (a zero qkv bias would make the padding's keys and values zero)."""
+    torch.manual_seed(0)
+    attn = Attention(16, num_heads=2, qkv_bias=bias, use_rel_pos=True, input_size=(4, 4))
+    for p in attn.parameters():
+        nn.init.normal_(p, std=0.3)
+    return attn.double()
+
+
+def attention_results(attn, x, run):
+    """The output of ``run()`` and the gradients of a weighted sum of it."""
+    attn.zero_grad(set_to_none=True)
+    x.grad = None
+    out = run()
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return [out.detach(), x.grad] + [p.grad for p in attn.parameters()]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_window_attention_equals_attention_on_the_zero_padded_windows(bias):
+    """ViTDet's window attention: the grid padded with zero tokens to whole windows, attention
+    with both projections on each window (the padding as keys and values), merged and cropped.
+    RevViT's projects the unpadded grid only; the output and every gradient are the same."""
+    attn = windowed_attention(bias)
+    x = torch.randn(2, 6, 7, 16, dtype=torch.float64, requires_grad=True)  # 2x2 windows of 4
+
+    def zero_padded_windows():
+        windows, padded_hw = window_partition(x, 4)
+        assert padded_hw == (8, 8)
+        return window_unpartition(attn(windows), 4, padded_hw, (6, 7))
+
+    got = attention_results(attn, x, lambda: attn(x, 4))
+    want = attention_results(attn, x, zero_padded_windows)
+    assert len(got) == len(want) == 2 + 5 + bias  # out, input grad, parameter grads
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not HAS_VITDET, reason="Detectron2 v0.6 has no ViTDet")
+def test_window_attention_equals_detectron2_vitdet_block_attention():
+    """With the same weights, Detectron2 main's ViTDet window attention (``window_partition``,
+    its ``Attention``, ``window_unpartition``, as in its ``Block``) gives the same output."""
+    from detectron2.modeling.backbone import vit
+
+    attn = windowed_attention(True)
+    theirs = vit.Attention(16, num_heads=2, use_rel_pos=True, input_size=(4, 4)).double()
+    theirs.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 6, 7, 16, dtype=torch.float64)
+    with torch.no_grad():
+        windows, padded_hw = vit.window_partition(x, 4)
+        want = vit.window_unpartition(theirs(windows), 4, padded_hw, (6, 7))
+        torch.testing.assert_close(attn(x, 4), want, rtol=1e-10, atol=1e-12)
 
 
 def test_input_smaller_than_a_window_is_padded_inside_attention():
