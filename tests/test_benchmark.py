@@ -1,6 +1,7 @@
 """rev_det.benchmark and its command line tools/benchmark.py on tiny models: every mode in the
 tables, memory ordering, flat depth."""
 
+import mmap
 import os
 
 import pytest
@@ -15,7 +16,7 @@ from rev_det.benchmark import (
     budgeted,
     largest_batch,
 )
-from rev_det.benchmark.measure import paired_ratio
+from rev_det.benchmark.measure import kernel_work, paired_ratio
 from rev_det.benchmark.sections.classification import marginal_per_image
 from rev_det.benchmark.sections.speed import SpeedRun, speed_runs
 
@@ -210,6 +211,10 @@ def test_speed_section_times_detectron2s_vitdet_first_where_it_exists(tmp_path):
     args = ["--size", "128", "--sections", "speed", "--repeats", "1", "--warmup", "1"]
     results = cli.main(args + ["--out", str(tmp_path), "--opts", *TINY])
     rows = [(r["backprop"], r["pyramid"]) for r in results["speed"]]
+    # Each timed step's page faults and system time are recorded beside its time.
+    for r in results["speed"]:
+        assert len(r["page_faults"]) == len(r["system_times"]) == len(r["times"]) == 1
+        assert r["page_faults_k"] == r["page_faults"][0] / 1000 and r["system_s"] >= 0
     if not HAS_VITDET:  # Detectron2 v0.6
         assert rows == [("autograd", "simple"), ("checkpoint", "simple")] + [
             ("reversible", "reversible")
@@ -223,6 +228,21 @@ def test_speed_section_times_detectron2s_vitdet_first_where_it_exists(tmp_path):
     # The same trunk width and heads: ViTDet's autograd step and rev_det's (two streams) differ
     # by less than 2x in memory.
     assert 0.5 < peak[("autograd", "simple")] / peak[("autograd", vitdet)] < 2.0
+
+
+def test_kernel_work_counts_the_page_faults_of_fresh_memory():
+    record = []
+
+    def touch_fresh_pages():
+        pages = mmap.mmap(-1, 1024 * mmap.PAGESIZE)  # anonymous: mapped on first write
+        pages[:: mmap.PAGESIZE] = b"x" * 1024
+        pages.close()
+
+    step = kernel_work(touch_fresh_pages, record)
+    step()
+    step()
+    assert len(record) == 2
+    assert all(faults >= 1 and system >= 0 for faults, system in record)
 
 
 def test_attention_speed_methods_are_exact_in_float64():

@@ -1,6 +1,7 @@
 """Measuring one training step: its memory (exact tracker on CPU, the allocator on CUDA), its
 time, the largest batch that fits, and the memory budget that skips what would not fit."""
 
+import resource
 import statistics
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -16,6 +17,7 @@ __all__ = [
     "Row",
     "budgeted",
     "interleaved_times",
+    "kernel_work",
     "largest_batch",
     "measure",
     "paired_ratio",
@@ -103,6 +105,25 @@ def interleaved_times(
         for step, seconds in zip(steps, times):
             seconds.append(timed(step, device))
     return times
+
+
+def kernel_work(step: Callable[[], None], record: List[Tuple[int, float]]) -> Callable[[], None]:
+    """``step``, appending each run's minor page faults and system CPU seconds to ``record``
+    (the process's, from ``resource.getrusage``).
+
+    On CPU a step's wall time includes the kernel's work of handing the process fresh memory:
+    pages that the allocator returned to the system and faults back in, zeroed. How much a step
+    faults depends on what ran before it in the process (``docs/speed.md``), so the benchmark
+    reports it beside the times.
+    """
+
+    def run():
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        step()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        record.append((after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime))
+
+    return run
 
 
 def paired_ratio(seconds: Sequence[float], reference: Sequence[float]) -> float:

@@ -17,7 +17,14 @@ from ..detectors import (
     synthetic_batch,
     training_step,
 )
-from ..measure import Row, interleaved_times, largest_batch, measure, paired_ratio
+from ..measure import (
+    Row,
+    interleaved_times,
+    kernel_work,
+    largest_batch,
+    measure,
+    paired_ratio,
+)
 from ..report import markdown_section, plot
 from ..vitdet import vitdet_detector
 from .section import Section
@@ -95,9 +102,12 @@ def _run(args, results, det: Detection):
             steps.append(run.step(data))
             for _ in range(args.warmup - 1):
                 steps[-1]()
+        kernel = [[] for _ in runs]
+        steps = [kernel_work(step, record) for step, record in zip(steps, kernel)]
         times = interleaved_times(steps, args.repeats, args.device)
-        for run, peak, seconds in zip(runs, peaks, times):
+        for run, peak, seconds, work in zip(runs, peaks, times, kernel):
             median, ratio = statistics.median(seconds), paired_ratio(seconds, times[0])
+            faults, system = zip(*work)
             rows.append(
                 dict(
                     backprop=run.label,
@@ -107,7 +117,11 @@ def _run(args, results, det: Detection):
                     images_per_s=batch / median,
                     vs_first=ratio,
                     peak=peak,
+                    page_faults_k=statistics.median(faults) / 1000,
+                    system_s=statistics.median(system),
                     times=seconds,
+                    page_faults=list(faults),
+                    system_times=list(system),
                 )
             )
             print(
@@ -157,7 +171,9 @@ def _report(args, results) -> List[str]:
         "warm-up steps; vs_first = the median over the rounds of the step's time / the first "
         "row's in the same round (same batch); peak = the first warm-up step's; every image "
         "has as many objects as the ROI heads sample foreground proposals at most, so that all "
-        "detectors' heads do the same work"
+        "detectors' heads do the same work; page_faults_k, system_s = the medians of each "
+        "timed step's minor page faults (thousands) and system CPU seconds (the process's: "
+        "on CPU the kernel's work of handing it fresh memory is part of the step's time)"
     ]
     if len(args.speed_batches) > 1:
         path = os.path.join(args.out, "throughput_vs_batch.png")
@@ -165,6 +181,7 @@ def _report(args, results) -> List[str]:
         keys = ("backprop", "pyramid")
         notes.append(plot(rows, "batch", "images_per_s", keys, labels, path, log="x"))
     columns = ["backprop", "pyramid", "batch", "step_s", "images_per_s", "vs_first", "peak"]
+    columns += ["page_faults_k", "system_s"]  # the kernel's share of the step (see notes)
     md = markdown_section(f"Speed at {args.size}x{args.size}", rows, columns, notes)
     if "largest_batch" in results:
         notes = [f"doubling, then bisection, up to --max-batch {args.max_batch}"]
