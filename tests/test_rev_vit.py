@@ -7,6 +7,7 @@ from helpers import block_norm_inputs_dense, rel_err, tiny_rev_vit
 from torch import nn
 
 from rev_det.benchmark import HAS_VITDET
+from rev_det.modeling import rev_vit
 from rev_det.modeling.attention import (
     attention_with_rel_pos,
     rel_pos_table,
@@ -198,6 +199,22 @@ def test_window_attention_equals_attention_on_the_zero_padded_windows(bias):
     assert len(got) == len(want) == 2 + 5 + bias  # out, input grad, parameter grads
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_window_attention_keeps_autocasts_dtype(monkeypatch):
+    """Under bf16 autocast the projections of the padded windows compute q, k and v in bf16
+    (nn.Linear casts its bias); adding the bias after the padding must not promote them."""
+    attn = windowed_attention(True).float()
+    dtypes = []
+
+    def recording(q, k, v, *args, **kwargs):
+        dtypes.append((q.dtype, k.dtype, v.dtype))
+        return attention_with_rel_pos(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(rev_vit, "attention_with_rel_pos", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(torch.randn(1, 6, 7, 16), 4)
+    assert dtypes == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(not HAS_VITDET, reason="Detectron2 v0.6 has no ViTDet")

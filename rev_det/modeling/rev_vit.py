@@ -183,7 +183,9 @@ class Attention(nn.Module):
         hw = x.shape[1:3]
         windows, padded_hw = window_partition(nn.functional.linear(x, self.qkv.weight), window_size)
         if self.qkv.bias is not None:
-            windows = windows + self.qkv.bias
+            # In the linear layer's dtype (under autocast a bf16 output plus a float32 bias
+            # would promote q, k and v to float32, as nn.Linear does not).
+            windows = windows + self.qkv.bias.to(windows.dtype)
         return self.proj(window_unpartition(self._attend(windows), window_size, padded_hw, hw))
 
     def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
