@@ -215,11 +215,18 @@ def test_speed_section_times_detectron2s_vitdet_first_where_it_exists(tmp_path):
     for r in results["speed"]:
         assert len(r["page_faults"]) == len(r["system_times"]) == len(r["times"]) == 1
         assert r["page_faults_k"] == r["page_faults"][0] / 1000 and r["system_s"] >= 0
+    # "## Speed ...", "", the header, "|---|...", then a line per row.
+    table = open(os.path.join(tmp_path, "results.md")).read().split("## Speed")[1].split("\n")
+    columns = [c.strip() for c in table[2].split("|")]
     if not HAS_VITDET:  # Detectron2 v0.6
         assert rows == [("autograd", "simple"), ("checkpoint", "simple")] + [
             ("reversible", "reversible")
         ]
+        assert "vs_vitdet_ckpt" not in columns
         return
+    # The ratio to ViTDet's checkpointed step, paired round by round, is a column of the table.
+    checkpointed = [c.strip() for c in table[5].split("|")]
+    assert checkpointed[columns.index("vs_vitdet_ckpt")] == "1.00x"
     vitdet = "ViTDet (Detectron2)"
     assert rows[:2] == [("autograd", vitdet), ("checkpoint", vitdet)]
     peak = {row: r["peak"] for row, r in zip(rows, results["speed"])}

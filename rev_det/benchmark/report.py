@@ -38,7 +38,7 @@ def _cell(row: Row, column: str) -> str:
         return f"~{predicted:.1f} (predicted)" if predicted is not None else "skipped"
     if column == "vs_baseline":
         return f"{value:.2f}x" + (" (predicted)" if row["vs_predicted"] else "")
-    if column == "vs_first":
+    if column in ("vs_first", "vs_vitdet_ckpt"):
         return f"{value:.2f}x"
     if column == "step_s":
         return f"{value:.3f}"

@@ -13,14 +13,14 @@ from rev_det.utils import git_commit, machine, write_results
 from .detectors import ROOT, Detection
 from .measure import MemoryBudget
 from .sections import SECTIONS
+from .vitdet import HAS_VITDET
 
 __all__ = ["run", "write_report"]
 
 
 def _detectron2_version() -> str:
     # Main still calls itself 0.6; ViTDet's ViT tells the two apart.
-    main = hasattr(detectron2.modeling, "ViT")
-    return detectron2.__version__ + (" (main)" if main else " (v0.6)")
+    return detectron2.__version__ + (" (main)" if HAS_VITDET else " (v0.6)")
 
 
 def run(args, command: str) -> dict:

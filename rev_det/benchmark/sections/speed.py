@@ -3,7 +3,7 @@ checkpoint and reversible detectors, interleaved, and on CUDA the largest batch 
 
 import os
 import statistics
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import detectron2
 import torch
@@ -26,10 +26,13 @@ from ..measure import (
     paired_ratio,
 )
 from ..report import markdown_section, plot
-from ..vitdet import vitdet_detector
+from ..vitdet import HAS_VITDET, vitdet_detector
 from .section import Section
 
 __all__ = ["SPEED", "SpeedRun", "speed_runs"]
+
+# The pyramid column of Detectron2's own ViTDet rows.
+VITDET = "ViTDet (Detectron2)"
 
 
 def speed_runs(runs: List[Tuple[str, str]], device: str) -> List[Tuple[str, str, bool]]:
@@ -67,15 +70,35 @@ def _vitdet_runs(args, det: Detection) -> List[SpeedRun]:
     v0.6 (a line says so)."""
     if not det.vit:
         return []
+    if not HAS_VITDET:
+        print(f"  speed: ViTDet skipped (Detectron2 {detectron2.__version__} has no ViT)")
+        return []
     runs = []
     for backprop in ("autograd", "checkpoint"):
         torch.manual_seed(0)
         model = vitdet_detector(det.cfg("autograd", "simple"), backprop == "checkpoint", args.size)
-        if model is None:
-            print(f"  speed: ViTDet skipped (Detectron2 {detectron2.__version__} has no ViT)")
-            return []
-        runs.append(SpeedRun(backprop, "ViTDet (Detectron2)", model.train(), args.amp))
+        runs.append(SpeedRun(backprop, VITDET, model.train(), args.amp))
     return runs
+
+
+def _vs_checkpointed_vitdet(rows: List[Row]) -> Optional[List[Row]]:
+    """The rows with ``vs_vitdet_ckpt``: each step's time over ViTDet's with activation
+    checkpointing, paired round by round (same batch); None where ViTDet was not run."""
+    reference = {
+        r["batch"]: r["times"]
+        for r in rows
+        if (r["backprop"], r["pyramid"]) == ("checkpoint", VITDET)
+    }
+    if not reference:
+        return None
+    return [
+        (
+            dict(r, vs_vitdet_ckpt=paired_ratio(r["times"], reference[r["batch"]]))
+            if r["batch"] in reference
+            else r
+        )
+        for r in rows
+    ]
 
 
 def _run(args, results, det: Detection):
@@ -171,9 +194,7 @@ def _report(args, results) -> List[str]:
         "warm-up steps; vs_first = the median over the rounds of the step's time / the first "
         "row's in the same round (same batch); peak = the first warm-up step's; every image "
         "has as many objects as the ROI heads sample foreground proposals at most, so that all "
-        "detectors' heads do the same work; page_faults_k, system_s = the medians of each "
-        "timed step's minor page faults (thousands) and system CPU seconds (the process's: "
-        "on CPU the kernel's work of handing it fresh memory is part of the step's time)"
+        "detectors' heads do the same work"
     ]
     if len(args.speed_batches) > 1:
         path = os.path.join(args.out, "throughput_vs_batch.png")
@@ -181,7 +202,21 @@ def _report(args, results) -> List[str]:
         keys = ("backprop", "pyramid")
         notes.append(plot(rows, "batch", "images_per_s", keys, labels, path, log="x"))
     columns = ["backprop", "pyramid", "batch", "step_s", "images_per_s", "vs_first", "peak"]
-    columns += ["page_faults_k", "system_s"]  # the kernel's share of the step (see notes)
+    if all("page_faults_k" in r for r in rows):  # not recorded in results before 393466b
+        columns += ["page_faults_k", "system_s"]
+        notes.append(
+            "page_faults_k, system_s = the medians of each timed step's minor page faults "
+            "(thousands) and system CPU seconds (the process's: on CPU the kernel's work of "
+            "handing it fresh memory is part of the step's time)"
+        )
+    # Derived from the stored times, not stored: results written before the column have it too.
+    checkpointed = _vs_checkpointed_vitdet(rows)
+    if checkpointed is not None:
+        rows, columns = checkpointed, columns[:6] + ["vs_vitdet_ckpt"] + columns[6:]
+        notes.append(
+            "vs_vitdet_ckpt = the median over the rounds of the step's time / ViTDet's with "
+            "activation checkpointing in the same round (same batch)"
+        )
     md = markdown_section(f"Speed at {args.size}x{args.size}", rows, columns, notes)
     if "largest_batch" in results:
         notes = [f"doubling, then bisection, up to --max-batch {args.max_batch}"]
