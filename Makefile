@@ -3,13 +3,10 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
-# The second test environment: Detectron2 main built from the source snapshot beside the repo.
-D2MAIN_VENV ?= .venv-d2main
-D2MAIN_TARBALL ?= ../shared/vendor/detectron2-02b5c4e.tar.gz
 
 DEMO_CONFIG := configs/demo/mask_rcnn_rev_vit_demo.yaml
 
-.PHONY: setup test demo format d2main-env test-d2main gpu-check
+.PHONY: setup test demo format gpu-check
 
 setup: $(STAMP)
 
@@ -19,14 +16,6 @@ $(STAMP): setup.py tools/setup_env.sh tools/build_detectron2.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests
-
-# Build (once per tarball; later runs reuse it) and check the environment on Detectron2 main.
-d2main-env:
-	D2MAIN_TARBALL=$(D2MAIN_TARBALL) PYTHON=$(PYTHON) bash tools/setup_d2main.sh $(D2MAIN_VENV)
-
-# The whole suite on Detectron2 main.
-test-d2main: d2main-env
-	$(D2MAIN_VENV)/bin/python -m pytest tests
 
 # Train the demo from scratch on CPU, evaluate it (COCO tables), then draw its pictures and
 # measure its memory per backprop mode; everything lands in output/demo/.

@@ -33,7 +33,7 @@ def test_lazy_model_zoo_configs_are_installed():
 
 
 # The pure-Python Detectron2 v0.6 that `make setup` builds has a placeholder _C; a source build
-# (Detectron2 main in `make test-d2main`) has the compiled ops.
+# (e.g. of Detectron2 main, docs/detectron2_versions.md) has the compiled ops.
 pure_python_build = not detectron2_has_compiled_ops()
 
 

@@ -217,7 +217,7 @@ def test_window_attention_keeps_autocasts_dtype(monkeypatch):
     assert dtypes == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not HAS_VITDET, reason="Detectron2 v0.6 has no ViTDet")
+@pytest.mark.skipif(not HAS_VITDET, reason="needs Detectron2 main's ViTDet; v0.6 has none")
 def test_window_attention_equals_detectron2_vitdet_block_attention():
     """With the same weights, Detectron2 main's ViTDet window attention (``window_partition``,
     its ``Attention``, ``window_unpartition``, as in its ``Block``) gives the same output."""

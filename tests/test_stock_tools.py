@@ -104,7 +104,8 @@ VITDET_OVERRIDE = os.path.join(ROOT, "tests", "configs", "vitdet_b_rev_vit_shape
 has_vitdet_tree = pytest.mark.skipif(
     importlib.util.find_spec("detectron2.modeling.backbone.vit") is None
     or not os.path.isfile(LAZY_TRAIN_NET),
-    reason="needs a Detectron2 main source tree with ViTDet (make test-d2main)",
+    reason="needs Detectron2 main with ViTDet installed editable from its source tree "
+    "(docs/detectron2_versions.md)",
 )
 
 

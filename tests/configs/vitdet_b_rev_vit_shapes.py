@@ -1,7 +1,7 @@
 """Detectron2 main's own ViTDet config with its backbone replaced by rev_det's, shrunk for CPU.
 
 Loads ``projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py`` from the Detectron2 source
-tree that is imported (a source build of main, e.g. ``make d2main-env``), replaces
+tree that is imported (an editable source build of main), replaces
 ``model.backbone`` (ViT + SimpleFeaturePyramid) by RevViT + ReversibleFeaturePyramid, and
 shrinks the rest to seconds per iteration: 2 narrow blocks, 64-channel pyramid and heads,
 256-pixel LSJ crops, few RoIs, the shapes dataset (6 classes). The rest (the heads' structure,
@@ -32,7 +32,7 @@ _VITDET = os.path.join(
 if not os.path.isfile(_VITDET):
     raise FileNotFoundError(
         f"{_VITDET} not found: this config needs a Detectron2 main source tree installed with "
-        "`pip install -e` (rev_det's `make d2main-env` builds one)."
+        "`pip install -e` (docs/detectron2_versions.md)."
     )
 _vitdet = LazyConfig.load(_VITDET)
 model = _vitdet.model
