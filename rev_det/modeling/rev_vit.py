@@ -2,7 +2,7 @@
 
 import logging
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -24,7 +24,17 @@ from .layers import get_norm
 from .trunk import TwoStreamTrunk
 from .trunk_args import backprop_args, size_args
 
-__all__ = ["RevViT", "RevViTBlock", "Attention", "PatchEmbed", "REVVIT_SIZES", "vit_trunk_args"]
+__all__ = [
+    "RevViT",
+    "RevViTBlock",
+    "Attention",
+    "PatchEmbed",
+    "REVVIT_SIZES",
+    "abs_pos_embed",
+    "check_vit_args",
+    "vit_blocks",
+    "vit_trunk_args",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +251,69 @@ class RevViTBlock(ReversibleBlock):
         return self.drop_path(self.mlp(self.norm2(x)))
 
 
+def check_vit_args(
+    depth: int,
+    num_heads: int,
+    embed_dim: int,
+    window_size: int,
+    window_block_indexes: Sequence[int],
+) -> None:
+    """Raise a ValueError naming the argument for a ViT shape that cannot be built."""
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1 (the number of blocks), got {depth}.")
+    bad = [i for i in window_block_indexes if not 0 <= i < depth]
+    if bad:
+        raise ValueError(
+            f"window_block_indexes {bad} are outside the {depth} blocks (0..{depth - 1}); "
+            "list only indexes below depth, or raise depth."
+        )
+    if window_block_indexes and window_size <= 0:
+        raise ValueError("window_block_indexes is set but window_size is not positive.")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}.")
+
+
+def abs_pos_embed(
+    use_abs_pos: bool, pretrain_img_size: int, patch_size: int, use_cls_token: bool, dim: int
+) -> Optional[nn.Parameter]:
+    """ViT's absolute position embeddings of its pre-training grid, (1, L, dim) zeros with
+    L = (pretrain_img_size / patch_size)^2 (+ 1 with a class token); None without them."""
+    if not use_abs_pos:
+        return None
+    num_positions = (pretrain_img_size // patch_size) ** 2 + int(use_cls_token)
+    return nn.Parameter(torch.zeros(1, num_positions, dim))
+
+
+def vit_blocks(
+    block: type,
+    grid: int,
+    depth: int,
+    drop_path_rate: float,
+    window_size: int,
+    window_block_indexes: Sequence[int],
+    **kwargs,
+) -> List[nn.Module]:
+    """``depth`` ViT blocks as ViTDet lays them out: drop path rising linearly from 0 to
+    ``drop_path_rate``, window attention in ``window_block_indexes`` and global attention on the
+    ``grid`` x ``grid`` tokens elsewhere.
+
+    Args:
+        block: the block class (:class:`RevViTBlock` or a subclass); ``kwargs`` go to it.
+        grid: the token grid's side (image size / patch size), the size of the global blocks'
+            relative position tables.
+    """
+    rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+    return [
+        block(
+            drop_path=rates[i],
+            window_size=window_size if i in window_block_indexes else 0,
+            input_size=(grid, grid),
+            **kwargs,
+        )
+        for i in range(depth)
+    ]
+
+
 class RevViT(TwoStreamTrunk):
     """Reversible Vision Transformer trunk for detection (ViTDet layout, Rev-ViT blocks).
 
@@ -310,45 +383,29 @@ class RevViT(TwoStreamTrunk):
         out_feature: str = "last_feat",
     ):
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"depth must be at least 1 (the number of blocks), got {depth}.")
-        bad = [i for i in window_block_indexes if not 0 <= i < depth]
-        if bad:
-            raise ValueError(
-                f"window_block_indexes {bad} are outside the {depth} blocks (0..{depth - 1}); "
-                "list only indexes below depth, or raise depth."
-            )
-        if window_block_indexes and window_size <= 0:
-            raise ValueError("window_block_indexes is set but window_size is not positive.")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}.")
+        check_vit_args(depth, num_heads, embed_dim, window_size, window_block_indexes)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.pretrain_use_cls_token = pretrain_use_cls_token
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, stem_channels, stem_norm)
-        if use_abs_pos:
-            num_patches = (pretrain_img_size // patch_size) ** 2
-            num_positions = num_patches + 1 if pretrain_use_cls_token else num_patches
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim))
-        else:
-            self.pos_embed = None
-        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        grid = (img_size // patch_size, img_size // patch_size)
-        blocks = [
-            RevViTBlock(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                drop_path=rates[i],
-                norm_layer=norm_layer,
-                act_layer=act_layer,
-                use_rel_pos=use_rel_pos,
-                window_size=window_size if i in window_block_indexes else 0,
-                input_size=grid,
-            )
-            for i in range(depth)
-        ]
+        self.pos_embed = abs_pos_embed(
+            use_abs_pos, pretrain_img_size, patch_size, pretrain_use_cls_token, embed_dim
+        )
+        blocks = vit_blocks(
+            RevViTBlock,
+            img_size // patch_size,
+            depth,
+            drop_path_rate,
+            window_size,
+            window_block_indexes,
+            dim=embed_dim,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+            use_rel_pos=use_rel_pos,
+        )
         self.blocks = ReversibleSequence(blocks, backprop, parallel_backward)
         self.norm = norm_layer(2 * embed_dim)
 

@@ -2,7 +2,7 @@
 
 * :mod:`.modes`: the three backprop modes and :class:`BackpropModule`, the contract of a module
   that follows one;
-* :mod:`.engine`: reversible blocks and sequences;
+* :mod:`.engine`: reversible blocks, their couplings (additive or scaled) and sequences;
 * :mod:`.branches`: several outputs sharing their first part, as one recomputed unit;
 * :mod:`.schedule`: the order of the reversible backward's steps, serial or on two CUDA streams;
 * :mod:`.drift`: how far rebuilt inputs drift from the true ones.
@@ -11,10 +11,14 @@
 from .branches import recomputed_branches
 from .drift import SequenceInput, measure_reconstruction, record_sequence_inputs
 from .engine import (
+    ADDITIVE,
+    Coupling,
     ReconstructionError,
     ReversibleBlock,
     ReversibleSequence,
+    ScaledCoupling,
     SequenceOutput,
+    check_invertible,
     describe_block,
     name_reversible_blocks,
     reversible_sequence,
@@ -22,14 +26,18 @@ from .engine import (
 from .modes import BACKPROP_MODES, BackpropModule, check_backprop, run_recomputed
 
 __all__ = [
+    "ADDITIVE",
     "BACKPROP_MODES",
+    "Coupling",
     "BackpropModule",
     "ReconstructionError",
     "ReversibleBlock",
     "ReversibleSequence",
+    "ScaledCoupling",
     "SequenceInput",
     "SequenceOutput",
     "check_backprop",
+    "check_invertible",
     "describe_block",
     "measure_reconstruction",
     "name_reversible_blocks",

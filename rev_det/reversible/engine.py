@@ -64,10 +64,14 @@ from . import schedule
 from .modes import BackpropModule, check_backprop
 
 __all__ = [
+    "ADDITIVE",
+    "Coupling",
     "ReconstructionError",
     "ReversibleBlock",
+    "ScaledCoupling",
     "ReversibleSequence",
     "SequenceOutput",
+    "check_invertible",
     "describe_block",
     "name_reversible_blocks",
     "reversible_sequence",
@@ -92,12 +96,97 @@ class ReconstructionError(FloatingPointError):
     """
 
 
+class Coupling:
+    """How a block's function output joins the streams: the additive coupling
+    ``out = skip + f(read)`` (RevViT's; :data:`ADDITIVE`).
+
+    Each of a block's two functions reads one stream (``read``) and updates the other
+    (``skip``): for F, skip = X1 and read = X2; for G, skip = X2 and read = Y1. A coupling says
+    how (:meth:`couple`), how to undo it (:meth:`uncouple`), and how the gradient of its output
+    splits between the two streams (:meth:`grads`; the part through ``f`` is autograd's).
+    :class:`ScaledCoupling` is the other one.
+    """
+
+    def couple(self, skip: torch.Tensor, read: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        """The updated stream from the one it updates, the one ``f`` read and ``f(read)``."""
+        return skip + fx
+
+    def uncouple(self, out: torch.Tensor, read: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        """``skip`` back from :meth:`couple`'s output, ``read`` and ``f(read)``."""
+        return out - fx
+
+    def grads(
+        self, grad_out: torch.Tensor, grad_read: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of ``skip`` and of ``read`` (before ``f``'s part is added) from the
+        gradient of the output and the gradient ``read`` already has."""
+        return grad_out, grad_read
+
+    def skip_scale(self) -> Optional[torch.Tensor]:
+        """The factor on ``skip`` (β), or None where it is 1; the inverse divides by it."""
+        return None
+
+
+# RevViT's coupling (and every block's unless it says otherwise): the same arithmetic as
+# before couplings had a name, so its results are unchanged to the bit.
+ADDITIVE = Coupling()
+
+
+class ScaledCoupling(nn.Module, Coupling):
+    """``out = beta * skip + alpha * read + f(read)``: a residual network's block and a
+    reversible one in one formula (Dr2Net, Zhao et al., CVPR 2024).
+
+    At ``(alpha, beta) = (1, 0)`` a block ``Y1 = X1·0 + X2 + F(X2)``, ``Y2 = X2·0 + Y1 + G(Y1)``
+    is an ordinary pre-norm transformer block applied to X2 (``Y2 = block(X2)``, X1 ignored); at
+    ``(0, 1)`` it is RevViT's additive coupling. It is invertible whenever ``beta != 0``:
+    ``skip = (out - alpha * read - f(read)) / beta``, which divides the rounding error of
+    ``out`` by ``beta`` at every step (see ``docs/vitdet_surrogate.md``).
+
+    ``alpha`` and ``beta`` are buffers (saved in checkpoints, moved with the model); a schedule
+    sets them during training (``rev_det.training.CouplingSchedule``).
+
+    Args:
+        alpha: the factor on the stream the function reads.
+        beta: the factor on the stream the function updates.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.0):
+        super().__init__()
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.register_buffer("beta", torch.tensor(float(beta)))
+
+    def couple(self, skip, read, fx):
+        return self.beta * skip + self.alpha * read + fx
+
+    def uncouple(self, out, read, fx):
+        return (out - self.alpha * read - fx) / self.beta
+
+    def grads(self, grad_out, grad_read):
+        return self.beta * grad_out, grad_read + self.alpha * grad_out
+
+    def skip_scale(self):
+        return self.beta
+
+    def set(self, alpha: float, beta: float):
+        """Set both coefficients in place (no new tensors: optimizers and DDP keep theirs)."""
+        self.alpha.fill_(alpha)
+        self.beta.fill_(beta)
+
+    def extra_repr(self) -> str:
+        return f"alpha={float(self.alpha):g}, beta={float(self.beta):g}"
+
+
 class ReversibleBlock(nn.Module):
-    """A two-stream block with additive couplings ``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)``.
+    """A two-stream block with couplings ``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)``.
 
     Subclasses define :meth:`F` and :meth:`G`. Both must return a tensor of the shape of their
     input, and must be deterministic given the random number generator state (dropout and drop
     path are fine: the engine replays the generator state in recomputation).
+
+    The coupling, the ``+`` above, is the block's :attr:`coupling`: additive by default
+    (:data:`ADDITIVE`); a block with a :class:`ScaledCoupling` computes
+    ``Y1 = beta X1 + alpha X2 + F(X2)``, ``Y2 = beta X2 + alpha Y1 + G(Y1)``. The engine runs
+    every coupling through it, forward, inverse and backward.
 
     Attributes:
         qualified_name: the block's name in its model (e.g. ``"backbone.net.blocks.3"``), set by
@@ -106,6 +195,12 @@ class ReversibleBlock(nn.Module):
 
     qualified_name: Optional[str] = None
 
+    @property
+    def coupling(self) -> Coupling:
+        """The block's :class:`Coupling`: a sub-module named ``coupling`` (e.g. a
+        :class:`ScaledCoupling`, assigned as ``self.coupling = ...``), else :data:`ADDITIVE`."""
+        return self._modules.get("coupling", ADDITIVE)
+
     def F(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802 (the paper's name)
         raise NotImplementedError
 
@@ -113,8 +208,8 @@ class ReversibleBlock(nn.Module):
         raise NotImplementedError
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        y1 = _couple(x1, self.F(x2), self, "F")
-        y2 = _couple(x2, self.G(y1), self, "G")
+        y1 = _couple(x1, x2, self.F(x2), self, "F")
+        y2 = _couple(x2, y1, self.G(y1), self, "G")
         return y1, y2
 
     def inverse(self, y1: torch.Tensor, y2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +223,13 @@ class ReversibleBlock(nn.Module):
         """
         streams = (y1, y2)
         for name, source in INVERSE_STEPS:
-            streams = _uncouple(streams, source, getattr(self, name)(streams[source]))
+            streams = _uncouple(self, streams, source, getattr(self, name)(streams[source]))
         return streams
 
 
-def _couple(x: torch.Tensor, fx: torch.Tensor, block: nn.Module, name: str) -> torch.Tensor:
+def _couple(
+    x: torch.Tensor, read: torch.Tensor, fx: torch.Tensor, block: ReversibleBlock, name: str
+) -> torch.Tensor:
     # A shape change would broadcast silently or fail deep inside autograd; say why instead.
     if fx.shape != x.shape:
         raise ValueError(
@@ -140,13 +237,13 @@ def _couple(x: torch.Tensor, fx: torch.Tensor, block: nn.Module, name: str) -> t
             f"{tuple(fx.shape)}; a reversible block's F and G must preserve shape. Run blocks "
             "that change shape (e.g. stage transitions) outside the reversible sequence."
         )
-    return x + fx
+    return block.coupling.couple(x, read, fx)
 
 
-def _uncouple(streams, source: int, fx: torch.Tensor):
-    """One step of the inverse: the stream other than ``source`` loses ``fx``."""
+def _uncouple(block: ReversibleBlock, streams, source: int, fx: torch.Tensor):
+    """One step of the inverse: the stream other than ``source`` is uncoupled from ``fx``."""
     streams = list(streams)
-    streams[1 - source] = streams[1 - source] - fx
+    streams[1 - source] = block.coupling.uncouple(streams[1 - source], streams[source], fx)
     return tuple(streams)
 
 
@@ -261,9 +358,9 @@ def _run_forward(blocks, x1, x2, inputs: Optional[list] = None):
         if inputs is not None:
             inputs.append((x1, x2))
         rng_f = _RngState(x1, x2)
-        x1 = _couple(x1, block.F(x2), block, "F")
+        x1 = _couple(x1, x2, block.F(x2), block, "F")
         rng_g = _RngState(x1, x2)
-        x2 = _couple(x2, block.G(x1), block, "G")
+        x2 = _couple(x2, x1, block.G(x1), block, "G")
         rng.append({"F": rng_f, "G": rng_g})
     return x1, x2, rng
 
@@ -297,10 +394,13 @@ class _Step:
             out = getattr(self.block, self.name)(x)
         if build_graph:
             self.out = out
-        return _uncouple(streams, self.source, out.detach())
+        return _uncouple(self.block, streams, self.source, out.detach())
 
-    def backprop(self, grad_rebuilt: torch.Tensor, grad_source: torch.Tensor) -> torch.Tensor:
-        """Pass the rebuilt stream's gradient back through the re-run; return the source's.
+    def backprop(
+        self, grad_rebuilt: torch.Tensor, grad_source: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pass the gradient of the stream this step rebuilds back through the coupling and the
+        re-run function; return the gradients of the rebuilt stream and of the source.
 
         Parameter gradients are accumulated into ``.grad`` right here, step by step (through
         the usual AccumulateGrad, so hooks and DistributedDataParallel see them), rather than
@@ -310,10 +410,11 @@ class _Step:
         # Under autocast F and G may return half precision while the streams are fp32.
         grad_out = grad_rebuilt.to(self.out.dtype)
         torch.autograd.backward(self.out, grad_out, inputs=[self.leaf, *self.params])
+        grad_rebuilt, grad_source = self.block.coupling.grads(grad_rebuilt, grad_source)
         if self.leaf.grad is not None:
             grad_source = grad_source + self.leaf.grad
         self.leaf = self.out = None  # free this function's activations before the next step
-        return grad_source
+        return grad_rebuilt, grad_source
 
 
 def _steps(blocks, rng, trainable_ids) -> List[_Step]:
@@ -458,6 +559,7 @@ def reversible_sequence(
     training = torch.is_grad_enabled() and any(b.training for b in blocks)
     if backprop == "reversible" and training:
         blocks = tuple(blocks)
+        check_invertible(blocks)
         for observe in REBUILT_SEQUENCE_OBSERVERS:
             observe(blocks, x1, x2)
         params = _unique_trainable_parameters([*blocks, *([] if output is None else [output])])
@@ -469,6 +571,26 @@ def reversible_sequence(
         else:
             x1, x2 = block(x1, x2)
     return (x1, x2) if output is None else output(x1, x2)
+
+
+def check_invertible(blocks: Sequence[ReversibleBlock]) -> None:
+    """Raise if a block's coupling cannot be undone (a scaled coupling with ``beta == 0``).
+
+    One device-to-host copy for all scaled couplings of the sequence; none for additive ones.
+    """
+    scaled = [(i, b) for i, b in enumerate(blocks) if b.coupling.skip_scale() is not None]
+    if not scaled:
+        return
+    scales = torch.stack([b.coupling.skip_scale().float() for _, b in scaled]).tolist()
+    for (index, block), beta in zip(scaled, scales):
+        if beta == 0:
+            raise ValueError(
+                f"{describe_block(block, index, len(blocks))} has beta = 0: its coupling "
+                "Y = beta * X + alpha * R + f(R) drops X, so X cannot be rebuilt and "
+                'backprop="reversible" cannot run. Back-propagate with "checkpoint" (exact at any '
+                "beta) until the coupling schedule has raised beta (MODEL.REV.COUPLING; "
+                "docs/vitdet_surrogate.md), or start the schedule at a beta above 0."
+            )
 
 
 def _unique_trainable_parameters(parts: Sequence) -> List[nn.Parameter]:

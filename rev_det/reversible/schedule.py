@@ -130,8 +130,8 @@ def run_backward(steps: Sequence, streams, grads, lanes, lookahead: int):
 
     Each step has ``source`` (the stream its function reads), ``rebuild(streams)`` (returns the
     streams with the other one rebuilt) and ``backprop(grad_rebuilt, grad_source)`` (returns
-    the source's gradient); see ``rev_det.reversible.engine._Step``. The flags are one boolean
-    per rebuilt stream, after one for the output streams.
+    both streams' gradients at the step's input); see ``rev_det.reversible.engine._Step``. The
+    flags are one boolean per rebuilt stream, after one for the output streams.
 
     Step k runs on lane ``k % 2``, rebuilding and then back-propagating. Rebuilding step k + 1
     needs nothing from step k's back-propagation, so on two CUDA streams the two can run at
@@ -149,7 +149,7 @@ def run_backward(steps: Sequence, streams, grads, lanes, lookahead: int):
       builds the graph that backprop k runs on lane k % 2 too: autograd runs backward kernels on
       the stream of their forward kernels, which is why steps alternate lanes rather than one
       lane rebuilding and the other back-propagating;
-    * backprop k reads the gradient made by backprop k - 1 (the other lane);
+    * backprop k reads the gradients made by backprop k - 1 (the other lane);
     * the parameters, written by the optimizer, and the saved outputs and incoming gradients
       come from the main lane (lane 0, the stream autograd called this backward on), which
       lane 1 waits for first; the main lane waits for all of lane 1 at the end, parameter
@@ -173,8 +173,12 @@ def run_backward(steps: Sequence, streams, grads, lanes, lookahead: int):
         step, lane = steps[k], lanes[k % 2]
         target = 1 - step.source
         with lane.run():
-            grad = step.backprop(_take(grads[target], lane), _take(grads[step.source], lane))
-            grads[step.source] = _Handle(grad, lane, lane.mark())
+            grad_target, grad_source = step.backprop(
+                _take(grads[target], lane), _take(grads[step.source], lane)
+            )
+            ready = lane.mark()
+            grads[target] = _Handle(grad_target, lane, ready)
+            grads[step.source] = _Handle(grad_source, lane, ready)
 
     for k, step in enumerate(steps):
         lane = lanes[k % 2]

@@ -1,0 +1,256 @@
+"""RevViTDet: Detectron2's ViTDet ViT as a reversible surrogate of itself (Dr2Net-style).
+
+Pretrained ViTs (MAE, ViTDet's COCO detectors) are residual networks: ``x + A(x)``, then
+``x + M(x)``. RevViTDet keeps their sub-blocks and names, and runs them on two streams with a
+:class:`~rev_det.reversible.ScaledCoupling` per block::
+
+    p ──────────────┐ beta                         q ──────────────┐ beta
+    q ──┬── A ──(+)─┴──(+)── r                     r ──┬── M ──(+)─┴──(+)── s
+        └─alpha──┘                                     └─alpha──┘
+
+    r = beta p + alpha q + A(q)            s = beta q + alpha r + M(r)
+
+* ``(alpha, beta) = (1, 0)``: ``s = block(q)``, the pretrained ViT block; ``p`` is ignored. With
+  both streams starting as the patch tokens, the last stream is ViTDet's output exactly.
+* ``(0, 1)``: RevViT's additive coupling, whose inverse is as precise as RevViT's.
+* in between: invertible whenever ``beta != 0``; the inverse divides by ``beta``.
+
+A schedule (:class:`rev_det.training.CouplingSchedule`) moves the coefficients from the first
+setting towards the second during fine-tuning. Until they allow a precise inverse
+(``reversible_at``), a trunk asked for ``backprop="reversible"`` runs ``"checkpoint"`` (exact at
+any coefficients) and switches by itself, with a log line.
+"""
+
+import logging
+from functools import partial
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import Backbone
+from torch import nn
+
+from ..reversible import BackpropModule, ReversibleSequence, ScaledCoupling
+from .attention import check_image, init_vit_weights, resize_abs_pos
+from .rev_vit import (
+    PatchEmbed,
+    RevViTBlock,
+    abs_pos_embed,
+    check_vit_args,
+    vit_blocks,
+    vit_trunk_args,
+)
+from .trunk_args import backprop_args
+
+__all__ = ["RevViTDet", "DualResidualBlock", "REVERSIBLE_AT"]
+
+logger = logging.getLogger(__name__)
+
+# Where backprop="reversible" starts to be trusted (alpha at most, beta at least): every gradient
+# of a 12-block ViT-B at 1024x1024 in float32 within the tolerance that reversible mode is held to
+# (1e-4 relative to autograd's); measured by tools/coupling_precision.py (docs/vitdet_surrogate.md).
+REVERSIBLE_AT = (0.0, 1.0)
+
+
+class DualResidualBlock(RevViTBlock):
+    """A ViTDet block as a two-stream block with a scaled coupling.
+
+    F = norm1 + attention, G = norm2 + MLP, as in :class:`RevViTBlock` (and named as in
+    Detectron2's ``Block``); ``coupling`` (a :class:`~rev_det.reversible.ScaledCoupling`) holds the
+    block's ``alpha`` and ``beta`` (see the module docstring).
+
+    Args:
+        alpha, beta: the coupling's starting coefficients.
+        **kwargs: :class:`RevViTBlock`'s arguments.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.coupling = ScaledCoupling(alpha, beta)
+
+
+class RevViTDet(Backbone, BackpropModule):
+    """Detectron2's ``ViT`` (ViTDet's plain backbone) as a two-stream reversible network.
+
+    Same constructor arguments, parameter names (``patch_embed.proj``, ``pos_embed``,
+    ``blocks.{i}.norm1``, ``attn.qkv``, ``attn.proj``, ``attn.rel_pos_h/w``, ``norm2``,
+    ``mlp.fc1/fc2``) and output (``last_feat``: (B, C, H / p, W / p), the last stream) as
+    Detectron2's ``ViT``, so ViTDet's configs, its pyramid and its checkpoints (MAE, ViTDet's COCO
+    detectors) work unchanged; at ``(alpha, beta) = (1, 0)`` it computes ViT's function. See the
+    module docstring for the coupling and ``docs/vitdet_surrogate.md`` for the schedule.
+
+    Args:
+        img_size: input size the global blocks' relative position tables are sized for.
+        patch_size: patch size (stride of the output).
+        in_chans: number of input image channels.
+        embed_dim: token width C.
+        depth: number of blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width over embed_dim.
+        qkv_bias: bias in the query, key and value projections.
+        drop_path_rate: stochastic depth rate of the last block (linear from 0).
+        norm_layer: normalisation of the blocks.
+        act_layer: MLP activation.
+        use_abs_pos: add absolute position embeddings (from a pre-training grid, resized).
+        use_rel_pos: add decomposed relative position bias in attention.
+        window_size: window size of window-attention blocks.
+        window_block_indexes: indexes of blocks using window attention.
+        residual_block_indexes: ViTDet's optional convolutional blocks; not supported (must be
+            empty, as in every ViTDet config).
+        pretrain_img_size: image size of the pre-training grid of ``pos_embed``.
+        pretrain_use_cls_token: whether ``pos_embed`` has a class-token entry (dropped).
+        alpha, beta: the coupling's coefficients at construction (a schedule moves them).
+        reversible_at: ``(max alpha, min beta)`` from which ``backprop="reversible"`` rebuilds
+            the blocks' inputs; below it such a trunk runs ``"checkpoint"``.
+        backprop: "reversible", "autograd" or "checkpoint" (see :mod:`rev_det.reversible`).
+        parallel_backward: on CUDA, overlap rebuilding and back-propagation of the blocks.
+        out_feature: name of the output feature.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        act_layer=nn.GELU,
+        use_abs_pos: bool = True,
+        use_rel_pos: bool = False,
+        window_size: int = 0,
+        window_block_indexes: Sequence[int] = (),
+        residual_block_indexes: Sequence[int] = (),
+        pretrain_img_size: int = 224,
+        pretrain_use_cls_token: bool = True,
+        alpha: float = 1.0,
+        beta: float = 0.0,
+        reversible_at: Tuple[float, float] = REVERSIBLE_AT,
+        backprop: str = "reversible",
+        parallel_backward: bool = False,
+        out_feature: str = "last_feat",
+    ):
+        super().__init__()
+        check_vit_args(depth, num_heads, embed_dim, window_size, window_block_indexes)
+        if residual_block_indexes:
+            raise ValueError(
+                f"residual_block_indexes {list(residual_block_indexes)}: RevViTDet has no "
+                "convolutional residual blocks (ViTDet's ResBottleneckBlock); leave it empty, as "
+                "ViTDet's COCO configs do."
+            )
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.pretrain_use_cls_token = pretrain_use_cls_token
+        self.reversible_at = tuple(reversible_at)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_embed = abs_pos_embed(
+            use_abs_pos, pretrain_img_size, patch_size, pretrain_use_cls_token, embed_dim
+        )
+        blocks = vit_blocks(
+            DualResidualBlock,
+            img_size // patch_size,
+            depth,
+            drop_path_rate,
+            window_size,
+            window_block_indexes,
+            alpha=alpha,
+            beta=beta,
+            dim=embed_dim,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+            use_rel_pos=use_rel_pos,
+        )
+        self.blocks = ReversibleSequence(blocks, backprop, parallel_backward)
+        self.backprop = backprop
+        self._running = None  # the mode the last training forward ran, for the switch's log line
+
+        self._out_features = [out_feature]
+        self._out_feature_channels = {out_feature: embed_dim}
+        self._out_feature_strides = {out_feature: patch_size}
+        init_vit_weights(self, self.pos_embed)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: ShapeSpec) -> Dict[str, Any]:
+        """The constructor arguments from ``cfg.MODEL.REVVIT`` (the ViT's shape, as for RevViT),
+        ``cfg.MODEL.REV.COUPLING`` (the coefficients' start and the reversible threshold) and
+        ``cfg.MODEL.REV`` (backprop).
+
+        Args:
+            cfg: a Detectron2 config with rev_det's keys.
+            input_shape: the images' shape; its ``channels`` is ``in_chans``.
+
+        Returns:
+            dict: keyword arguments of :class:`RevViTDet`.
+        """
+        coupling = cfg.MODEL.REV.COUPLING
+        return dict(
+            in_chans=input_shape.channels,
+            **vit_trunk_args(cfg),
+            alpha=coupling.ALPHA[0],
+            beta=coupling.BETA[0],
+            reversible_at=tuple(coupling.REVERSIBLE_AT),
+            **backprop_args(cfg),
+        )
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.patch_size
+
+    def couplings(self) -> Tuple[ScaledCoupling, ...]:
+        """The blocks' couplings, in order."""
+        return tuple(block.coupling for block in self.blocks)
+
+    def running_backprop(self) -> str:
+        """The mode a training forward runs now: ``backprop``, except ``"reversible"`` before the
+        coefficients reach ``reversible_at``, where it is ``"checkpoint"``."""
+        if self.backprop != "reversible":
+            return self.backprop
+        couplings = self.couplings()
+        alphas = torch.stack([c.alpha for c in couplings])
+        betas = torch.stack([c.beta for c in couplings])
+        alpha, beta = torch.stack([alphas.max(), betas.min()]).tolist()  # one host sync
+        max_alpha, min_beta = self.reversible_at
+        return "reversible" if alpha <= max_alpha and beta >= min_beta else "checkpoint"
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        check_image(x, self.in_chans, self.patch_size, "RevViTDet", "the patch size ")
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + resize_abs_pos(self.pos_embed, self.pretrain_use_cls_token, x.shape[1:3])
+        # Outside training nothing is rebuilt: the coefficients need not be read then.
+        self.blocks.backprop = (
+            self._switch(self.running_backprop()) if self.recomputes() else (self.backprop)
+        )
+        _, s = self.blocks(x, x)
+        return {self._out_features[0]: s.permute(0, 3, 1, 2)}
+
+    def _switch(self, mode: str) -> str:
+        if mode != self._running:
+            if self._running is not None or mode != self.backprop:
+                alpha, beta = self.couplings()[0].alpha, self.couplings()[0].beta
+                logger.info(
+                    "RevViTDet back-propagates with %r at alpha=%.4g, beta=%.4g (requested %r; "
+                    "reversible from alpha <= %g and beta >= %g).",
+                    mode,
+                    float(alpha),
+                    float(beta),
+                    self.backprop,
+                    *self.reversible_at,
+                )
+            self._running = mode
+        return mode
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            name: ShapeSpec(
+                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
+            )
+            for name in self._out_features
+        }
