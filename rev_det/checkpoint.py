@@ -16,26 +16,36 @@ import contextlib
 import logging
 import os
 import random
+import re
+import urllib.parse
 import uuid
-from typing import IO, Iterator
+from typing import IO, Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase
 from detectron2.utils import comm
+from torch import nn
 
 from .checks import explain_write_error
 
-__all__ = ["AtomicCheckpointer", "IterationSeeder", "atomic_open", "is_weight"]
+__all__ = [
+    "AtomicCheckpointer",
+    "IterationSeeder",
+    "atomic_open",
+    "check_vit_checkpoint",
+    "is_weight",
+]
 
 logger = logging.getLogger(__name__)
 
 
 def is_weight(key: str) -> bool:
     """Whether a state-dict entry is a weight a checkpoint must carry: everything but batch
-    norms' step counters (unused with a momentum; frozen batch norms have none)."""
-    return not key.endswith("num_batches_tracked")
+    norms' step counters (unused with a momentum; frozen batch norms have none) and scaled
+    couplings' coefficients (a pretrained ViT has none; the coupling schedule sets them)."""
+    return not key.endswith(("num_batches_tracked", ".coupling.alpha", ".coupling.beta"))
 
 
 # The weights STRICT_LOAD requires: the trunk of GeneralizedRCNN's backbone (``net`` of rev_det's
@@ -80,6 +90,76 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
         os.close(dir_fd)
 
 
+_BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_PATCH_PROJ = "patch_embed.proj.weight"
+
+
+def _vit_shape(keys_and_shapes) -> Tuple[Optional[int], int]:
+    """(width, depth) of the ViT weights among ``(key, shape)`` pairs: the patch projection's
+    output channels (None without one) and the number of ``blocks.{i}``."""
+    width, depth = None, 0
+    for key, shape in keys_and_shapes:
+        if key == _PATCH_PROJ or key.endswith("." + _PATCH_PROJ):
+            width = shape[0]
+        match = _BLOCK_INDEX.search(key)
+        if match:
+            depth = max(depth, int(match.group(1)) + 1)
+    return width, depth
+
+
+def check_vit_checkpoint(model: nn.Module, state: Dict[str, Any]) -> None:
+    """Raise if ``state`` holds a ViT of another width or depth than ``model``'s RevViTDet.
+
+    RevViTDet exists to compute a pretrained ViT's function, which a checkpoint of another size
+    would only partly initialise (Detectron2 would skip the weights of other shapes and the
+    extra blocks with a warning). Its weights are found under the trunk's prefix (a detector's
+    ``backbone.net.``) or, for a pretrained trunk (MAE, ``blocks.*``), without it.
+    """
+    from .modeling import REVVIT_SIZES, RevViTDet  # the models import this module's users
+
+    for prefix, trunk in model.named_modules():
+        if not isinstance(trunk, RevViTDet):
+            continue
+        prefix = f"{prefix}." if prefix else ""
+        ours = _vit_shape((k, v.shape) for k, v in trunk.state_dict().items())
+        keys = [k for k in state if k.startswith(prefix)] if prefix else list(state)
+        if prefix and not keys:  # a pretrained trunk's own names
+            keys = list(state)
+        theirs = _vit_shape((k, tuple(state[k].shape)) for k in keys)
+        if theirs[0] is None or theirs == ours:
+            continue
+        size = [n for n, a in REVVIT_SIZES.items() if (a["embed_dim"], a["depth"]) == theirs]
+        fix = f'MODEL.REVVIT.SIZE "{size[0]}"' if size else "MODEL.REVVIT.EMBED_DIM / DEPTH"
+        raise ValueError(
+            f"The checkpoint holds a ViT of width {theirs[0]} and depth {theirs[1]} "
+            f"({_PATCH_PROJ} and blocks.*), but the model's RevViTDet ({prefix or 'the model'}) "
+            f"has width {ours[0]} and depth {ours[1]}: it would load only in part and compute "
+            f"another function. Build the model of the checkpoint's size: {fix} (LazyConfig: "
+            "the config of that size, e.g. configs/COCO/mask_rcnn_rev_vitdet_l_100ep.py, or "
+            "model.backbone.net.embed_dim / depth), or load the checkpoint of the model's size."
+        )
+
+
+def _split_load_query(path):
+    """``(path without its query, whether the query asks for matching heuristics)``.
+
+    The one query Detectron2 defines for checkpoint paths is ``matching_heuristics=True``
+    (Detectron2 main's ``DetectionCheckpointer``); any other is an error.
+    """
+    if not path or "?" not in path:
+        return path, False
+    path, query = path.split("?", 1)
+    options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - {"matching_heuristics"})
+    if unknown:
+        raise ValueError(
+            f"Checkpoint path query {query!r}: unknown option {unknown[0]!r}. The only option is "
+            "matching_heuristics=True (load by Detectron2's name matching, as ViTDet's configs "
+            "load MAE weights)."
+        )
+    return path, options.get("matching_heuristics", "").lower() in ("true", "1")
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with atomic saves, a load summary and an optional strict load.
 
@@ -101,8 +181,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
     ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.strict_load = strict_load
+        self._matching_heuristics = False
 
     def load(self, path: str, *args, **kwargs):
+        # ViTDet's configs name MAE weights as "...pth?matching_heuristics=True" (load by
+        # Detectron2's name matching). Detectron2 main reads that query, v0.6 does not: it is
+        # read here on both, and the path passed on without it.
+        path, self._matching_heuristics = _split_load_query(path)
         try:
             return super().load(path, *args, **kwargs)
         finally:
@@ -112,6 +197,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
             # checkpointer usable. v0.6 has no such attribute.
             if hasattr(self, "_parsed_url_during_load"):
                 self._parsed_url_during_load = None
+
+    def _load_file(self, filename: str):
+        loaded = super()._load_file(filename)
+        if self._matching_heuristics:
+            loaded["matching_heuristics"] = True
+        return loaded
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -132,6 +223,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             f.write(last_filename_basename)
 
     def _load_model(self, checkpoint):
+        check_vit_checkpoint(self.model, checkpoint["model"])
         incompatible = super()._load_model(checkpoint)
         reshaped = [key for key, _, _ in incompatible.incorrect_shapes]
         # The base class drops wrongly shaped weights before loading, so they are missing too.

@@ -2,6 +2,8 @@
 
 from detectron2.config import CfgNode as CN
 
+from .modeling.rev_vitdet import REVERSIBLE_AT
+
 __all__ = ["add_revdet_config", "check_choice"]
 
 
@@ -41,10 +43,21 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REV.CHECK_RECONSTRUCTION = CN()
     _c.MODEL.REV.CHECK_RECONSTRUCTION.PERIOD = 0
     _c.MODEL.REV.CHECK_RECONSTRUCTION.THRESHOLD = 0.1
+    # RevViTDet's scaled couplings, Y = BETA X + ALPHA R + f(R) (docs/vitdet_surrogate.md):
+    # rev_det.training.CouplingSchedule moves (alpha, beta) linearly from (ALPHA[0], BETA[0]) to
+    # (ALPHA[1], BETA[1]) between the fractions RAMP[0] and RAMP[1] of SOLVER.MAX_ITER. (1, 0)
+    # is the pretrained ViT, (0, 1) RevViT's coupling. With BACKPROP "reversible" the trunk runs
+    # "checkpoint" until alpha <= REVERSIBLE_AT[0] and beta >= REVERSIBLE_AT[1].
+    _c.MODEL.REV.COUPLING = CN()
+    _c.MODEL.REV.COUPLING.ALPHA = (1.0, 0.0)
+    _c.MODEL.REV.COUPLING.BETA = (0.0, 1.0)
+    _c.MODEL.REV.COUPLING.RAMP = (0.0, 0.1)
+    _c.MODEL.REV.COUPLING.REVERSIBLE_AT = REVERSIBLE_AT
     # Loading MODEL.WEIGHTS (or resuming) fails if the checkpoint lacks a backbone weight or
     # has one of another shape, instead of leaving it at its initialization.
     _c.MODEL.REV.STRICT_LOAD = False
 
+    # RevViT's and RevViTDet's shape.
     _c.MODEL.REVVIT = CN()
     # The trunk's size: a row of rev_det.modeling.REVVIT_SIZES ("B", "L", "H", ViTDet's), which
     # gives the five size keys below. Those left None take the named size's values; those a

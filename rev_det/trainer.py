@@ -13,7 +13,8 @@ between them (where a setting lives, how it is spelled in messages) is passed in
   with named reversible blocks, check the dataset against the classifier
   (:func:`check_train_classes`) and the DDP wrapping, train with
   :class:`~rev_det.training.RevAMPTrainer` under AMP, checkpoint atomically with optional strict
-  loading, add the iteration seeder and the reconstruction check (:func:`with_rev_det_hooks`),
+  loading, add the iteration seeder, the coupling schedule and the reconstruction check
+  (:func:`with_rev_det_hooks`),
   resume the data order (:func:`resume_data_at`) and explain a diverged run.
 * Evaluation: :func:`load_weights` for ``--eval-only``.
 * A whole run: :meth:`Trainer.run` and :func:`run_lazy`.
@@ -66,7 +67,7 @@ from .data import ResumableTrainLoader, build_resumable_train_loader, prepare_da
 from .reversible import name_reversible_blocks
 from .reversible.ddp import check_ddp_model
 from .solver import build_optimizer
-from .training import ReconstructionCheck, RevAMPTrainer
+from .training import CouplingSchedule, ReconstructionCheck, RevAMPTrainer
 from .utils import detectron2_has_compiled_ops
 
 __all__ = [
@@ -130,12 +131,17 @@ def check_train_classes(
 
 
 def with_rev_det_hooks(
-    trainer_hooks: Sequence[Optional[HookBase]], seed: int, check: ReconstructionCheck
+    trainer_hooks: Sequence[Optional[HookBase]],
+    seed: int,
+    check: ReconstructionCheck,
+    coupling: CouplingSchedule,
 ) -> List[Optional[HookBase]]:
     """Detectron2's training hooks with rev_det's added where they must run.
 
     * :class:`~rev_det.checkpoint.IterationSeeder` first (with ``seed >= 0``), so that every
       other hook's ``before_step`` already draws from the iteration's seed;
+    * the coupling schedule next, so that the iteration's forward (and any evaluation after it)
+      sees the iteration's coefficients;
     * the reconstruction check just before the ``PeriodicWriter``, which then writes its
       numbers, and after the evaluation on every process (the main one alone has a writer),
       so that all processes meet the check's and the evaluation's collectives in one order.
@@ -145,11 +151,12 @@ def with_rev_det_hooks(
             ``register_hooks`` skips them).
         seed: the config's seed; negative: no seeder.
         check: the reconstruction check (it does nothing with period 0).
+        coupling: the coupling schedule (it does nothing without scaled couplings).
     """
     ordered = list(trainer_hooks)
     writers = [i for i, hook in enumerate(ordered) if isinstance(hook, hooks.PeriodicWriter)]
     ordered.insert(writers[0] if writers else len(ordered), check)
-    return ([IterationSeeder(seed)] if seed >= 0 else []) + ordered
+    return ([IterationSeeder(seed)] if seed >= 0 else []) + [coupling] + ordered
 
 
 def resume_data_at(data_loader, start_iter: int, loader_setting: str) -> None:
@@ -266,7 +273,10 @@ class Trainer(DefaultTrainer):
             trainer=weakref.proxy(self),
         )
         return with_rev_det_hooks(
-            super().build_hooks(), self.cfg.SEED, ReconstructionCheck(self.cfg)
+            super().build_hooks(),
+            self.cfg.SEED,
+            ReconstructionCheck(self.cfg),
+            CouplingSchedule(self.cfg),
         )
 
     @classmethod
@@ -410,6 +420,11 @@ def train_lazy(cfg, resume: bool = False) -> None:
             ],
             cfg.train.seed,
             ReconstructionCheck(**cfg.train.check_reconstruction),
+            CouplingSchedule(
+                max_iter=cfg.train.max_iter,
+                keys=tuple(f"train.coupling.{k}" for k in ("alpha", "beta", "ramp")),
+                **cfg.train.coupling,
+            ),
         )
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)

@@ -6,13 +6,15 @@ reconstruction.
 * :class:`ReconstructionCheck`: a hook that every N iterations measures how far the block inputs
   that the reversible backward rebuilds drift from the true ones, logs it, and stops training
   with a clear error when the drift is too large or not finite.
+* :class:`CouplingSchedule`: a hook that sets the scaled couplings' ``alpha`` and ``beta``
+  (RevViTDet) before every iteration.
 """
 
 import contextlib
 import logging
 import math
 import time
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,13 +27,14 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from .reversible import (
     ReconstructionError,
+    ScaledCoupling,
     SequenceInput,
     describe_block,
     name_reversible_blocks,
     record_sequence_inputs,
 )
 
-__all__ = ["RevAMPTrainer", "ReconstructionCheck", "parse_precision"]
+__all__ = ["CouplingSchedule", "RevAMPTrainer", "ReconstructionCheck", "parse_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,4 +275,86 @@ class ReconstructionCheck(HookBase):
             "What to do: train in float32, or in float16 rather than bfloat16 (it rounds less); "
             "lower the learning rate; or back-propagate with MODEL.REV.BACKPROP = 'checkpoint' "
             "(the same model with exact gradients, for more memory)."
+        )
+
+
+class CouplingSchedule(HookBase):
+    """Before every iteration, set every :class:`~rev_det.reversible.ScaledCoupling` of the model
+    to the schedule's ``(alpha, beta)``; log them to the event storage (``coupling/alpha``,
+    ``coupling/beta``).
+
+    The coefficients move linearly from ``(alpha[0], beta[0])`` to ``(alpha[1], beta[1])``
+    between the iterations ``ramp[0] * max_iter`` and ``ramp[1] * max_iter``, and stay at either
+    end outside. They depend on the iteration alone, so a resumed run sets them exactly as the
+    uninterrupted one (they are saved in checkpoints too, for evaluation). A model without
+    scaled couplings is left alone. Both entry points register it (yacs: ``MODEL.REV.COUPLING``;
+    LazyConfig: ``train.coupling``).
+
+    Args:
+        max_iter: the run's iterations (``SOLVER.MAX_ITER``, ``train.max_iter``).
+        alpha: (start, end) of the factor on the stream each function reads.
+        beta: (start, end) of the factor on the stream each function updates; the end must not
+            be 0 (the couplings could never be inverted).
+        ramp: (start, end) of the ramp, fractions of ``max_iter``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        max_iter: int,
+        alpha: Sequence[float] = (1.0, 0.0),
+        beta: Sequence[float] = (0.0, 1.0),
+        ramp: Sequence[float] = (0.0, 0.1),
+        keys: Tuple[str, str, str] = ("alpha", "beta", "ramp"),
+    ):
+        names = dict(zip(("alpha", "beta", "ramp"), keys))
+        for name, value in (("alpha", alpha), ("beta", beta), ("ramp", ramp)):
+            if len(value) != 2:
+                raise ValueError(f"{names[name]} = {tuple(value)}: give two numbers, (start, end).")
+        if beta[1] == 0:
+            raise ValueError(
+                f"{names['beta']} = {tuple(beta)} ends at 0: the couplings would stay "
+                "non-invertible (a ViT with a second stream), and reversible backpropagation "
+                "could never start. End beta above 0, e.g. at 1 (RevViT's coupling)."
+            )
+        if not 0 <= ramp[0] <= ramp[1] <= 1:
+            raise ValueError(
+                f"{names['ramp']} = {tuple(ramp)}: give fractions of the run, "
+                "0 <= start <= end <= 1."
+            )
+        self.alpha, self.beta = tuple(map(float, alpha)), tuple(map(float, beta))
+        self.first, self.last = (round(f * max_iter) for f in ramp)
+        self._couplings: List[ScaledCoupling] = []
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.REV.COUPLING
+        keys = tuple(f"MODEL.REV.COUPLING.{k}" for k in ("ALPHA", "BETA", "RAMP"))
+        return dict(
+            max_iter=cfg.SOLVER.MAX_ITER, alpha=c.ALPHA, beta=c.BETA, ramp=c.RAMP, keys=keys
+        )
+
+    def values(self, iteration: int) -> Tuple[float, float]:
+        """``(alpha, beta)`` at ``iteration``."""
+        if iteration >= self.last:
+            t = 1.0
+        elif iteration <= self.first:
+            t = 0.0
+        else:
+            t = (iteration - self.first) / (self.last - self.first)
+        return tuple(start + t * (end - start) for start, end in (self.alpha, self.beta))
+
+    def before_train(self):
+        model = _unwrap(self.trainer.model)
+        self._couplings = [m for m in model.modules() if isinstance(m, ScaledCoupling)]
+
+    def before_step(self):
+        if not self._couplings:
+            return
+        alpha, beta = self.values(self.trainer.iter)
+        for coupling in self._couplings:
+            coupling.set(alpha, beta)
+        self.trainer.storage.put_scalars(
+            **{"coupling/alpha": alpha, "coupling/beta": beta}, smoothing_hint=False
         )

@@ -5,6 +5,7 @@ from .backbone import (
     build_pyramid,
     build_rev_mvit_backbone,
     build_rev_vit_backbone,
+    build_rev_vitdet_backbone,
     set_backprop,
 )
 from .fpn import RecomputedFPN
@@ -12,12 +13,14 @@ from .layers import LayerNorm2d, get_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
 from .rev_mvit import REVMVIT_SIZES, RevMViT
 from .rev_vit import REVVIT_SIZES, RevViT, vit_trunk_args
+from .rev_vitdet import RevViTDet
 from .trunk import TwoStreamTrunk
 from .trunk_args import backprop_args, size_args
 
 __all__ = [
     "RevViT",
     "REVVIT_SIZES",
+    "RevViTDet",
     "RevMViT",
     "REVMVIT_SIZES",
     "TwoStreamTrunk",
@@ -27,6 +30,7 @@ __all__ = [
     "LayerNorm2d",
     "get_norm",
     "build_rev_vit_backbone",
+    "build_rev_vitdet_backbone",
     "build_rev_mvit_backbone",
     "build_pyramid",
     "PYRAMIDS",

@@ -15,10 +15,12 @@ from .layers import resolve_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
 from .rev_mvit import RevMViT
 from .rev_vit import RevViT
+from .rev_vitdet import RevViTDet
 from .trunk import TwoStreamTrunk
 
 __all__ = [
     "build_rev_vit_backbone",
+    "build_rev_vitdet_backbone",
     "build_rev_mvit_backbone",
     "build_pyramid",
     "PYRAMIDS",
@@ -51,6 +53,12 @@ def _simple_pyramid(cfg, net: TwoStreamTrunk) -> Backbone:
     )
 
 
+def _vitdet_pyramid(cfg, net: RevViTDet) -> Backbone:
+    # ViTDet's own pyramid on the trunk's one stream (its sub-modules named as ViTDet's, so
+    # ViTDet's COCO checkpoints load whole).
+    return SimpleFeaturePyramid(net, in_feature=net._out_features[0], **_single_scale_args(cfg))
+
+
 def _fpn_args(cfg, net: Backbone) -> dict:
     """Detectron2's FPN arguments on every feature of a multi-scale trunk."""
     if cfg.MODEL.REV.SQUARE_PAD:
@@ -78,12 +86,14 @@ def _recomputed_fpn(cfg, net: Backbone) -> Backbone:
 
 # The pyramid of each (trunk kind, MODEL.REV.PYRAMID): the one place that pairs them. A
 # single-scale trunk is a TwoStreamTrunk (RevViT, or a new trunk of that contract); ViTDet's
-# pyramid and rev_det's reversible one resample its one map. A multi-scale trunk (RevMViT) feeds
+# pyramid and rev_det's reversible one resample its one map. RevViTDet, ViTDet's ViT as a
+# surrogate, gives ViT's one map and feeds ViTDet's pyramid. A multi-scale trunk (RevMViT) feeds
 # Detectron2's FPN, or the same FPN recomputed in backward. Every pyramid gives p2-p5 (strides
 # 4-32) whatever the trunk's stride, and p6 by max-pooling p5, as Mask R-CNN's heads expect.
 PYRAMIDS: Dict[Tuple[str, str], Callable[..., Backbone]] = {
     ("single-scale", "reversible"): _reversible_pyramid,
     ("single-scale", "simple"): _simple_pyramid,
+    ("ViTDet surrogate", "simple"): _vitdet_pyramid,
     ("multi-scale", "reversible"): _recomputed_fpn,
     ("multi-scale", "fpn"): _fpn,
 }
@@ -94,12 +104,16 @@ def build_pyramid(cfg, net: Backbone) -> Backbone:
 
     Args:
         cfg: a Detectron2 config with rev_det's keys.
-        net: a single-scale :class:`TwoStreamTrunk` or a multi-scale trunk (RevMViT).
+        net: a single-scale :class:`TwoStreamTrunk`, a :class:`RevViTDet` or a multi-scale trunk
+            (RevMViT).
 
     Returns:
         Backbone: the pyramid around ``net``, as :data:`PYRAMIDS` builds it.
     """
-    kind = "single-scale" if isinstance(net, TwoStreamTrunk) else "multi-scale"
+    if isinstance(net, TwoStreamTrunk):
+        kind = "single-scale"
+    else:
+        kind = "ViTDet surrogate" if isinstance(net, RevViTDet) else "multi-scale"
     name = cfg.MODEL.REV.PYRAMID
     build = PYRAMIDS.get((kind, name))
     if build is None:
@@ -161,6 +175,13 @@ def _build_backbone(trunk, cfg, input_shape: ShapeSpec) -> Backbone:
 def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """RevViT (:meth:`RevViT.from_config`) in the pyramid ``MODEL.REV.PYRAMID`` names: p2-p6."""
     return _build_backbone(RevViT, cfg, input_shape)
+
+
+@BACKBONE_REGISTRY.register()
+def build_rev_vitdet_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """RevViTDet (:meth:`RevViTDet.from_config`, ViTDet's ViT as a reversible surrogate) in
+    ViTDet's simple feature pyramid (``MODEL.REV.PYRAMID "simple"``): p2-p6."""
+    return _build_backbone(RevViTDet, cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
