@@ -56,7 +56,7 @@ def _prepare(config_file: str, iterations: int, dtype: torch.dtype, opts: Sequen
 
 
 @contextlib.contextmanager
-def _nms_in_score_dtype():
+def nms_in_score_dtype():
     """Detectron2 v0.6 decodes boxes in fp32 whatever the model's dtype, and torchvision's NMS
     wants boxes and scores of one dtype: give it boxes in the scores' dtype (exact upcast)."""
     nms = box_ops.batched_nms
@@ -77,7 +77,7 @@ def demo_losses(
     cfg, model, batches = _prepare(config_file, iterations, dtype, opts)
     initial = copy.deepcopy(model.state_dict())
     history = []
-    with _nms_in_score_dtype():
+    with nms_in_score_dtype():
         for k, mode in enumerate(modes):
             model.load_state_dict(initial)
             if k and perturb:
@@ -117,7 +117,7 @@ def demo_gradients(
     # One attention kernel whether grad is on or not: the reversible trunk runs its forward
     # without grad, where PyTorch may otherwise pick another kernel, whose rounding differs.
     # With the forward bit for bit the same, no discrete choice (top-k, matching ties) can flip.
-    with _nms_in_score_dtype(), sdpa_kernel([SDPBackend.MATH]):
+    with nms_in_score_dtype(), sdpa_kernel([SDPBackend.MATH]):
         for mode in modes:
             set_backprop(model, mode)
             model.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ any coefficients) and switches by itself, with a log line.
 
 import logging
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 from detectron2.layers import ShapeSpec

@@ -152,8 +152,10 @@ class ScaledCoupling(nn.Module, Coupling):
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.0):
         super().__init__()
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
-        self.register_buffer("beta", torch.tensor(float(beta)))
+        # float64, so that the values are exact in a float64 model; a float32 model's
+        # arithmetic stays float32 (a 0-dim tensor does not promote its operands).
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float64))
+        self.register_buffer("beta", torch.tensor(float(beta), dtype=torch.float64))
 
     def couple(self, skip, read, fx):
         return self.beta * skip + self.alpha * read + fx
