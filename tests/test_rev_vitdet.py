@@ -25,6 +25,7 @@ from rev_det.checkpoint import AtomicCheckpointer
 from rev_det.modeling import RevViTDet, set_backprop
 from rev_det.reversible import ADDITIVE, ScaledCoupling, reversible_sequence
 from rev_det.training import CouplingSchedule
+from rev_det.utils.memory import MemoryTracker
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
@@ -501,3 +502,25 @@ def test_vitdets_own_detector_and_the_surrogate_give_the_same_outputs(tmp_path):
         assert rel_err(got[name], want[name]) < 1e-10, name
     batch = [{"image": im["image"].double()} for im in fake_batch(((64, 64), (60, 50)))]
     assert_same_detections(detections(ours, batch), detections(theirs, batch))
+
+
+def test_recomputed_pyramid_levels_give_the_same_gradients_and_store_less():
+    """With the trunk recomputing, ViTDet's pyramid (``recompute=True``) keeps only the trunk's map
+    and its outputs between forward and backward: the same gradients as storing its levels."""
+    backbone = tiny_detector().backbone.train()
+    for c in backbone.net.couplings():
+        c.set(0.0, 1.0)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    results = {}
+    for recompute in (False, True):
+        backbone.recompute = recompute
+        backbone.zero_grad(set_to_none=True)
+        with MemoryTracker() as mem:
+            features = backbone(x)
+            stored = mem.current
+            sum((f * f).sum() for f in features.values()).backward()
+        results[recompute] = stored, [p.grad.clone() for p in backbone.parameters()]
+    (stored, grads), (stored_recomputed, grads_recomputed) = results[False], results[True]
+    for a, b in zip(grads_recomputed, grads):
+        assert rel_err(a, b) < 1e-10
+    assert stored_recomputed < 0.8 * stored

@@ -34,6 +34,7 @@ model.backbone = L(SimpleFeaturePyramid)(
     top_block=L(LastLevelMaxPool)(),
     norm="LN",
     square_pad=1024,
+    recompute=True,  # its levels recomputed in backward with the trunk (ViTDet stores them)
 )
 
 train.init_checkpoint = (

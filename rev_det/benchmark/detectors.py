@@ -15,7 +15,8 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from rev_det.config import add_revdet_config
-from rev_det.modeling import RevMViT, RevViT, vit_trunk_args
+from rev_det.modeling import RevMViT, RevViT, RevViTDet, vit_trunk_args
+from rev_det.modeling.rev_vitdet import REVERSIBLE_AT
 
 from .measure import MemoryBudget, Row, budgeted, measure, param_mib
 
@@ -38,7 +39,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Detector name -> its yacs config.
 BACKBONES = {
     name: os.path.join(ROOT, "configs", "COCO", f"mask_rcnn_{name}.yaml")
-    for name in ("rev_vit_b", "rev_vit_l", "rev_vit_h", "rev_mvit_t", "rev_mvit_s", "rev_mvit_b")
+    for name in (
+        "rev_vit_b",
+        "rev_vit_l",
+        "rev_vit_h",
+        "rev_vitdet_b",
+        "rev_vitdet_l",
+        "rev_vitdet_h",
+        "rev_mvit_t",
+        "rev_mvit_s",
+        "rev_mvit_b",
+    )
 }
 # The backprop modes compared, in the order of every table: the stored baseline first.
 MODES = ("autograd", "checkpoint", "reversible")
@@ -176,16 +187,23 @@ class Detection:
         self.args = args
         self.budget = budget
         self.vit = args.backbone.startswith("rev_vit")
+        # RevViTDet, ViTDet's ViT as a surrogate, has ViTDet's pyramid only; its reversible row
+        # is its reversible phase (the coupling at REVERSIBLE_AT), its checkpoint row the phase
+        # before.
+        self.surrogate = args.backbone.startswith("rev_vitdet")
         self.baseline = "simple" if self.vit else "fpn"
-        self.pairs = [
-            ("autograd", self.baseline),
-            ("checkpoint", self.baseline),
-            ("autograd", "reversible"),
-            ("checkpoint", "reversible"),
-            ("reversible", "reversible"),
-        ]
-        cfg = self.cfg("reversible", "reversible")
-        trunk = RevViT if self.vit else RevMViT
+        if self.surrogate:
+            self.pairs = [(mode, "simple") for mode in MODES]
+        else:
+            self.pairs = [
+                ("autograd", self.baseline),
+                ("checkpoint", self.baseline),
+                ("autograd", "reversible"),
+                ("checkpoint", "reversible"),
+                ("reversible", "reversible"),
+            ]
+        cfg = self.cfg(*self.pairs[-1])
+        trunk = RevViTDet if self.surrogate else RevViT if self.vit else RevMViT
         self.depth = trunk.from_config(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))["depth"]
         self._rows: Dict[Tuple, Row] = {}
 
@@ -195,7 +213,7 @@ class Detection:
 
     def main_runs(self) -> List[Tuple[str, str]]:
         """The baseline, checkpoint and reversible detectors (resolution and speed sections)."""
-        return self._select([self.pairs[0], self.pairs[1], self.pairs[4]])
+        return self._select([self.pairs[0], self.pairs[1], self.pairs[-1]])
 
     def _select(self, pairs: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
         """``pairs`` restricted to ``--pairs`` (all without it)."""
@@ -213,7 +231,12 @@ class Detection:
     def cfg(self, backprop: str, pyramid: str, depth: Optional[int] = None):
         """The run's detector config (:func:`detector_cfg`) with this backprop and pyramid."""
         a = self.args
-        return detector_cfg(a.backbone, backprop, pyramid, a.device, a.opts, depth)
+        opts = list(a.opts)
+        if self.surrogate and backprop == "reversible":
+            alpha, beta = REVERSIBLE_AT
+            opts += ["MODEL.REV.COUPLING.ALPHA", (alpha, alpha), "MODEL.REV.COUPLING.BETA"]
+            opts += [(beta, beta)]
+        return detector_cfg(a.backbone, backprop, pyramid, a.device, opts, depth)
 
     def step(self, backprop: str, pyramid: str, size: int, depth: int, backbone: bool) -> Row:
         """Full-step memory (and with ``backbone`` the backbone alone's) of one detector.

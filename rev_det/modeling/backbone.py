@@ -55,8 +55,10 @@ def _simple_pyramid(cfg, net: TwoStreamTrunk) -> Backbone:
 
 def _vitdet_pyramid(cfg, net: RevViTDet) -> Backbone:
     # ViTDet's own pyramid on the trunk's one stream (its sub-modules named as ViTDet's, so
-    # ViTDet's COCO checkpoints load whole).
-    return SimpleFeaturePyramid(net, in_feature=net._out_features[0], **_single_scale_args(cfg))
+    # ViTDet's COCO checkpoints load whole), its levels recomputed in backward with the trunk.
+    return SimpleFeaturePyramid(
+        net, in_feature=net._out_features[0], recompute=True, **_single_scale_args(cfg)
+    )
 
 
 def _fpn_args(cfg, net: Backbone) -> dict:

@@ -163,6 +163,12 @@ class SimpleFeaturePyramid(_PyramidBase):
         norm: "LN", a Detectron2 norm name, or a callable taking the channel count.
         square_pad: pad inputs to a square of this size, rounded up to size_divisibility (0: pad
             to size_divisibility only). Inputs larger than it are an error.
+        recompute: when the trunk recomputes (a :class:`~rev_det.reversible.BackpropModule`
+            whose mode is not "autograd", in training), run each level as one recomputed unit:
+            only the trunk's map, which the trunk keeps anyway, and the levels' outputs, which
+            the heads keep, stay alive between forward and backward. The same function and
+            parameters. Off by default (ViTDet's pyramid stores its activations); RevViTDet's
+            configs turn it on.
     """
 
     def __init__(
@@ -175,10 +181,12 @@ class SimpleFeaturePyramid(_PyramidBase):
         top_block: Optional[nn.Module] = None,
         norm="LN",
         square_pad: int = 0,
+        recompute: bool = False,
     ):
         super().__init__()
         self.net = net
         self.in_feature = in_feature
+        self.recompute = recompute
         scale_factors = self._init_outputs(net, scale_factors, out_channels, top_block, square_pad)
         dim = net.output_shape()[in_feature].channels
         self.reduce = None
@@ -206,7 +214,12 @@ class SimpleFeaturePyramid(_PyramidBase):
         features = self.net(self._pad_to_square(x))[self.in_feature]
         if self.reduce is not None:
             features = self.reduce(features)
-        return self._with_top_block([stage(features) for stage in self.stages])
+        recompute = (
+            self.recompute and isinstance(self.net, BackpropModule) and self.net.recomputes()
+        )
+        return self._with_top_block(
+            [run_recomputed(recompute, stage, features) for stage in self.stages]
+        )
 
 
 class _Coupling(ReversibleBlock):

@@ -99,6 +99,10 @@ class RevViTDet(Backbone, BackpropModule):
             empty, as in every ViTDet config).
         pretrain_img_size: image size of the pre-training grid of ``pos_embed``.
         pretrain_use_cls_token: whether ``pos_embed`` has a class-token entry (dropped).
+        stem_channels: channels of a convolutional stem before the patch projection (see
+            :class:`~rev_det.modeling.rev_vit.PatchEmbed`; not in ViTDet); () for ViT's patch
+            embedding.
+        stem_norm: normalisation of the stem's convolutions.
         alpha, beta: the coupling's coefficients at construction (a schedule moves them).
         reversible_at: ``(max alpha, min beta)`` from which ``backprop="reversible"`` rebuilds
             the blocks' inputs; below it such a trunk runs ``"checkpoint"``.
@@ -127,6 +131,8 @@ class RevViTDet(Backbone, BackpropModule):
         residual_block_indexes: Sequence[int] = (),
         pretrain_img_size: int = 224,
         pretrain_use_cls_token: bool = True,
+        stem_channels: Sequence[int] = (),
+        stem_norm: str = "BN",
         alpha: float = 1.0,
         beta: float = 0.0,
         reversible_at: Tuple[float, float] = REVERSIBLE_AT,
@@ -146,7 +152,7 @@ class RevViTDet(Backbone, BackpropModule):
         self.in_chans = in_chans
         self.pretrain_use_cls_token = pretrain_use_cls_token
         self.reversible_at = tuple(reversible_at)
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, stem_channels, stem_norm)
         self.pos_embed = abs_pos_embed(
             use_abs_pos, pretrain_img_size, patch_size, pretrain_use_cls_token, embed_dim
         )
@@ -178,7 +184,8 @@ class RevViTDet(Backbone, BackpropModule):
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec) -> Dict[str, Any]:
-        """The constructor arguments from ``cfg.MODEL.REVVIT`` (the ViT's shape, as for RevViT),
+        """The constructor arguments from ``cfg.MODEL.REVVIT`` (the ViT's shape and stem, as for
+        RevViT),
         ``cfg.MODEL.REV.COUPLING`` (the coefficients' start and the reversible threshold) and
         ``cfg.MODEL.REV`` (backprop).
 
@@ -193,6 +200,8 @@ class RevViTDet(Backbone, BackpropModule):
         return dict(
             in_chans=input_shape.channels,
             **vit_trunk_args(cfg),
+            stem_channels=tuple(cfg.MODEL.REVVIT.STEM_CHANNELS),
+            stem_norm=cfg.MODEL.REVVIT.STEM_NORM,
             alpha=coupling.ALPHA[0],
             beta=coupling.BETA[0],
             reversible_at=tuple(coupling.REVERSIBLE_AT),
