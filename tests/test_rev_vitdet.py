@@ -17,7 +17,18 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone, build_model
 from detectron2.utils.events import EventStorage
-from helpers import ROOT, Block, fake_batch, make_stack, rel_err, tiny_cfg, yacs_cfg
+from helpers import (
+    ROOT,
+    TINY_LAZY,
+    TINY_YACS,
+    Block,
+    fake_batch,
+    make_stack,
+    rel_err,
+    run,
+    tiny_cfg,
+    yacs_cfg,
+)
 from torch import nn
 
 from rev_det.benchmark import HAS_VITDET
@@ -524,3 +535,72 @@ def test_recomputed_pyramid_levels_give_the_same_gradients_and_store_less():
     for a, b in zip(grads_recomputed, grads):
         assert rel_err(a, b) < 1e-10
     assert stored_recomputed < 0.8 * stored
+
+
+@pytest.mark.parametrize("size", ["b_100ep", "l_100ep", "h_75ep"])
+def test_cascade_configs_build_vitdets_cascade_on_the_surrogate(size):
+    cfg = LazyConfig.load(
+        os.path.join(ROOT, "configs", "COCO", f"cascade_mask_rcnn_rev_vitdet_{size}.py")
+    )
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    assert (
+        type(model.roi_heads).__name__ == "CascadeROIHeads" and len(model.roi_heads.box_head) == 3
+    )
+    assert type(model.backbone.net).__name__ == "RevViTDet" and model.backbone.recompute
+    assert cfg.train.coupling.beta[-1] == 1.0
+
+
+VITDET_DEMO = {
+    "yacs": (
+        "train_net.py",
+        os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vitdet_demo.yaml"),
+    ),
+    "lazy": (
+        "lazyconfig_train_net.py",
+        os.path.join(ROOT, "configs", "demo", "mask_rcnn_rev_vitdet_demo.py"),
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["yacs", "lazy"])
+def test_entry_points_run_the_schedule_switch_modes_and_resume(entry, datasets_root, tmp_path):
+    """Both entry points move the couplings from (1, 0) to (0, 1) over the first 4 iterations
+    of an 8-iteration run, back-propagate with "checkpoint", then "reversible" (logged), save
+    the coefficients, and a run stopped after 4 iterations and resumed ends with the
+    uninterrupted run's weights."""
+    script, config = VITDET_DEMO[entry]
+
+    def train(out, max_iter, ramp_end, *extra):
+        # The ramp ends at iteration 4 whatever max_iter (it is a fraction of the run); no lr
+        # warm-up, whose length is a fraction of the run too.
+        if entry == "yacs":
+            opts = TINY_YACS + ["MODEL.REV.COUPLING.RAMP", f"(0.0, {ramp_end})"]
+            opts += ["SOLVER.MAX_ITER", str(max_iter), "OUTPUT_DIR", out]
+            opts += ["SOLVER.WARMUP_ITERS", "0"]
+        else:
+            opts = TINY_LAZY + [f"train.coupling.ramp=[0.0,{ramp_end}]"]
+            opts += [f"train.max_iter={max_iter}", f"train.output_dir={out}"]
+            opts += ["train.eval_period=0", "lr_multiplier.warmup_length=0.0"]
+            opts += ["lr_multiplier.scheduler.milestones=[3]"]
+        return run(script, ["--config-file", config, *extra, *opts], datasets_root)
+
+    whole = str(tmp_path / "whole")
+    log = train(whole, 8, 0.5)
+    assert "RevViTDet back-propagates with 'checkpoint' at alpha=1, beta=0" in log, log[-4000:]
+    assert "RevViTDet back-propagates with 'reversible' at alpha=0, beta=1" in log
+    final = torch.load(os.path.join(whole, "model_final.pth"), weights_only=False)["model"]
+    assert float(final["backbone.net.blocks.1.coupling.alpha"]) == 0.0
+    assert float(final["backbone.net.blocks.1.coupling.beta"]) == 1.0
+
+    # Stopped at 4 (a checkpoint mid-ramp), then resumed with max_iter 8.
+    parted = str(tmp_path / "parted")
+    train(parted, 4, 1.0)
+    middle = torch.load(os.path.join(parted, "model_final.pth"), weights_only=False)["model"]
+    assert float(middle["backbone.net.blocks.0.coupling.beta"]) == 0.75  # set at iteration 3
+    train(parted, 8, 0.5, "--resume")
+    resumed = torch.load(os.path.join(parted, "model_final.pth"), weights_only=False)["model"]
+    for key, value in final.items():
+        if value.is_floating_point():
+            assert rel_err(resumed[key], value) < 1e-5, key

@@ -221,16 +221,17 @@ def main(argv=None):
                     flush=True,
                 )
             results["points"][key] = rows
-    results.update(
-        machine=machine(),
-        torch=torch.__version__,
-        command="python " + " ".join(sys.argv),
-        seconds=time.time() - start,
-        args={k: v for k, v in vars(args).items() if k != "points"},
-        requested_points=[list(p) for p in args.points],
-    )
-    write_results(args.out, report(args, results), results)
-    plot(results, f"{args.out}/precision.png")
+            # Written after each trunk, so that a long run's finished part is kept.
+            results.update(
+                machine=machine(),
+                torch=torch.__version__,
+                command="python " + " ".join(sys.argv),
+                seconds=time.time() - start,
+                args={k: v for k, v in vars(args).items() if k != "points"},
+                requested_points=[list(p) for p in args.points],
+            )
+            write_results(args.out, report(args, results), results)
+            plot(results, f"{args.out}/precision.png")
     print(f"written to {args.out}")
 
 
