@@ -25,6 +25,7 @@ from detectron2.utils.logger import log_first_n
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from .modeling import RevViTDet
 from .reversible import (
     ReconstructionError,
     ScaledCoupling,
@@ -293,8 +294,10 @@ class CouplingSchedule(HookBase):
     Args:
         max_iter: the run's iterations (``SOLVER.MAX_ITER``, ``train.max_iter``).
         alpha: (start, end) of the factor on the stream each function reads.
-        beta: (start, end) of the factor on the stream each function updates; the end must not
-            be 0 (the couplings could never be inverted).
+        beta: (start, end) of the factor on the stream each function updates. An end at 0 keeps
+            the pretrained ViT's function (a baseline trained with "autograd" or "checkpoint");
+            with a trunk that asks for "reversible" it is an error, since the couplings could
+            never be inverted.
         ramp: (start, end) of the ramp, fractions of ``max_iter``.
     """
 
@@ -312,18 +315,13 @@ class CouplingSchedule(HookBase):
         for name, value in (("alpha", alpha), ("beta", beta), ("ramp", ramp)):
             if len(value) != 2:
                 raise ValueError(f"{names[name]} = {tuple(value)}: give two numbers, (start, end).")
-        if beta[1] == 0:
-            raise ValueError(
-                f"{names['beta']} = {tuple(beta)} ends at 0: the couplings would stay "
-                "non-invertible (a ViT with a second stream), and reversible backpropagation "
-                "could never start. End beta above 0, e.g. at 1 (RevViT's coupling)."
-            )
         if not 0 <= ramp[0] <= ramp[1] <= 1:
             raise ValueError(
                 f"{names['ramp']} = {tuple(ramp)}: give fractions of the run, "
                 "0 <= start <= end <= 1."
             )
         self.alpha, self.beta = tuple(map(float, alpha)), tuple(map(float, beta))
+        self._beta_key = names["beta"]
         self.first, self.last = (round(f * max_iter) for f in ramp)
         self._couplings: List[ScaledCoupling] = []
 
@@ -348,6 +346,16 @@ class CouplingSchedule(HookBase):
     def before_train(self):
         model = _unwrap(self.trainer.model)
         self._couplings = [m for m in model.modules() if isinstance(m, ScaledCoupling)]
+        if self._couplings and self.beta[1] == 0:
+            trunks = [m for m in model.modules() if isinstance(m, RevViTDet)]
+            if any(trunk.backprop == "reversible" for trunk in trunks):
+                raise ValueError(
+                    f"{self._beta_key} = {self.beta} ends at 0 while the trunk asks for "
+                    'backprop "reversible": the couplings would never be invertible (the '
+                    "pretrained ViT with a second stream), so it would run \"checkpoint\" "
+                    "throughout. End beta above 0, e.g. at 1 (RevViT's coupling), or ask for "
+                    '"checkpoint" or "autograd" to fine-tune the plain ViT.'
+                )
 
     def before_step(self):
         if not self._couplings:

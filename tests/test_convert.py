@@ -737,3 +737,25 @@ def test_cli_output_loads_with_detection_checkpointer(tmp_path, config):
     loaded = torch.load(output)
     assert loaded["__author__"] == "rev_det convert_pretrained (source vit)"
     assert loaded["matching_heuristics"] is False
+
+
+def test_vit_with_a_stem_and_relative_positions_converts_whole_but_the_fusion_norm():
+    """A plain ViT of RevViTDet's layout with a convolutional stem and ViTDet's relative position
+    tables (the demo's pretrained plain trunk): every weight has its place in a RevViT of that
+    shape; only RevViT's fusion norm is new."""
+    from rev_det.modeling import RevViTDet
+
+    shape = dict(img_size=64, embed_dim=32, depth=2, num_heads=2, use_rel_pos=True)
+    shape.update(window_size=2, window_block_indexes=(0,), stem_channels=(8, 16))
+    torch.manual_seed(0)
+    source = RevViTDet(**shape).state_dict()
+    target = RevViT(**shape).eval()
+    conversion = convert_vit(source, target)
+    assert conversion.partial_groups == ["fusion_norm"]
+    assert set(conversion.missing) == {"norm.weight", "norm.bias"}
+    state = target.state_dict()
+    for key, value in conversion.state_dict.items():
+        want = source[key][:, 1:] if key == "pos_embed" else source[key]  # the class token's
+        got = value[:, 1:] if key == "pos_embed" else value  # entry is unused by both
+        assert torch.equal(got, want) and value.shape == state[key].shape, key
+    assert any(key.startswith("patch_embed.stem.") for key in conversion.state_dict)

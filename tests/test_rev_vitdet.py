@@ -411,7 +411,6 @@ def test_schedule_moves_every_coupling_linearly_over_the_ramp():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(beta=(0.0, 0.0)), r"MODEL.REV.COUPLING.BETA = \(0.0, 0.0\) ends at 0"),
         (dict(ramp=(0.5, 0.2)), r"MODEL.REV.COUPLING.RAMP .*0 <= start <= end <= 1"),
         (dict(alpha=(1.0,)), r"MODEL.REV.COUPLING.ALPHA = \(1.0,\): give two numbers"),
     ],
@@ -422,6 +421,17 @@ def test_bad_schedules_name_the_key(kwargs, match):
         cfg.MODEL.REV.COUPLING[key.upper()] = value
     with pytest.raises(ValueError, match=match):
         CouplingSchedule(cfg)
+
+
+def test_a_schedule_ending_at_beta_0_is_refused_only_for_a_reversible_trunk():
+    cfg = yacs_cfg(VITDET_B_YAML, "MODEL.REV.COUPLING.BETA", "(0.0, 0.0)")
+    hook = CouplingSchedule(cfg)
+    trunk = RevViTDet(**TINY)
+    hook.trainer = _Trainer(trunk)
+    with pytest.raises(ValueError, match=r"MODEL.REV.COUPLING.BETA = \(0.0, 0.0\) ends at 0.*"):
+        hook.before_train()
+    trunk.backprop = "autograd"  # the plain ViT, fine-tuned as ViTDet does
+    hook.before_train()
 
 
 def test_reversible_request_runs_checkpoint_until_the_coefficients_allow_it(caplog):

@@ -238,9 +238,11 @@ class KeyMapping:
         transitions = transition_indexes(target)
         state, matched, missing, errors = {}, {}, {}, []
         proposed = dict(self.proposed)
-        if any(k.startswith("patch_embed.stem.") for k in shapes):
+        stem = [k for k in shapes if k.startswith("patch_embed.stem.")]
+        if stem and not any(k in proposed for k in stem):
             # A convolutional stem replaces the patch projection: the source's patch_embed.proj
-            # is a different layer (p x p from the image), not a mis-sized one.
+            # is a different layer (p x p from the image), not a mis-sized one. (A source with a
+            # stem of its own, rev_det's layout, fills both.)
             for key in [k for k in proposed if k.startswith("patch_embed.")]:
                 for source_key in proposed.pop(key)[1]:
                     self.dropped[source_key] = "conv_stem"

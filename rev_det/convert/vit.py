@@ -29,6 +29,8 @@ __all__ = ["convert_vit"]
 # All of a ViT block's parameters.
 _VIT_BLOCK_KEYS = tuple(f"{m}.{p}" for m in ("norm1", "attn.qkv") for p in ("weight", "bias"))
 _VIT_BLOCK_KEYS += BRANCH_KEYS
+# A ViTDet-trained ViT's relative position tables (MAE, DeiT and timm ViTs have none).
+_REL_POS_KEYS = ("attn.rel_pos_h", "attn.rel_pos_w")
 
 
 def convert_vit(sd: Mapping[str, torch.Tensor], target: RevViT) -> Conversion:
@@ -44,12 +46,16 @@ def convert_vit(sd: Mapping[str, torch.Tensor], target: RevViT) -> Conversion:
     check_depth(source, indexes, "blocks.", target)
     m.copy("patch_embed.proj.weight", "patch_embed.proj.weight")
     m.copy("patch_embed.proj.bias", "patch_embed.proj.bias")
+    # A convolutional stem before the projection (rev_det's PatchEmbed: RevViTDet's demo
+    # trunk) has the same names in RevViT.
+    for key in sorted(k for k in sd if k.startswith("patch_embed.stem.")):
+        m.copy(key, key)
     if "pos_embed" in sd:
         m.put("pos_embed", pos_grid(sd["pos_embed"]), ["pos_embed"])
     folded = 0
     for i in indexes:
         t = f"blocks.{i}."
-        for key in _VIT_BLOCK_KEYS:
+        for key in _VIT_BLOCK_KEYS + _REL_POS_KEYS:
             m.copy(t + key, t + key)
         for scale, out in (("ls1.gamma", "attn.proj"), ("ls2.gamma", "mlp.fc2")):
             if t + scale not in sd:
@@ -67,6 +73,7 @@ def convert_vit(sd: Mapping[str, torch.Tensor], target: RevViT) -> Conversion:
     m.ignore(r"(cls_token|dist_token|reg_token)", "class / distillation / register token")
     m.ignore(r"(norm|fc_norm|head|head_dist|pre_logits|attn_pool)\..*", "classifier and its norm")
     m.ignore(r"mask_token|decoder_.*", "MAE decoder")
+    m.ignore(r"blocks\.\d+\.coupling\.(alpha|beta)", "RevViTDet's coupling coefficients")
     m.drop(r"norm_pre\..*", "stem_norm")
     m.notes.append(
         "a ViT block is not a reversible block: F and G receive its attention and MLP "
