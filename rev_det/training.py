@@ -352,7 +352,7 @@ class CouplingSchedule(HookBase):
                 raise ValueError(
                     f"{self._beta_key} = {self.beta} ends at 0 while the trunk asks for "
                     'backprop "reversible": the couplings would never be invertible (the '
-                    "pretrained ViT with a second stream), so it would run \"checkpoint\" "
+                    'pretrained ViT with a second stream), so it would run "checkpoint" '
                     "throughout. End beta above 0, e.g. at 1 (RevViT's coupling), or ask for "
                     '"checkpoint" or "autograd" to fine-tune the plain ViT.'
                 )

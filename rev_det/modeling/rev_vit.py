@@ -29,6 +29,7 @@ __all__ = [
     "RevViTBlock",
     "Attention",
     "PatchEmbed",
+    "ViTTokens",
     "REVVIT_SIZES",
     "abs_pos_embed",
     "check_vit_args",
@@ -284,6 +285,40 @@ def abs_pos_embed(
     return nn.Parameter(torch.zeros(1, num_positions, dim))
 
 
+class ViTTokens:
+    """The patch tokens of a ViT-layout trunk (RevViT, RevViTDet): ``patch_embed`` (with its
+    optional convolutional stem) and the absolute position embeddings ``pos_embed`` of a
+    pre-training grid, named as in ViT so that checkpoints load by name. A mixin of the trunk's
+    ``nn.Module``."""
+
+    def _init_tokens(
+        self,
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        stem_channels: Sequence[int],
+        stem_norm: str,
+        use_abs_pos: bool,
+        pretrain_img_size: int,
+        pretrain_use_cls_token: bool,
+    ):
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.pretrain_use_cls_token = pretrain_use_cls_token
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, stem_channels, stem_norm)
+        self.pos_embed = abs_pos_embed(
+            use_abs_pos, pretrain_img_size, patch_size, pretrain_use_cls_token, embed_dim
+        )
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> dense tokens (B, H / p, W / p, D) with their positions."""
+        check_image(x, self.in_chans, self.patch_size, type(self).__name__, "the patch size ")
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + resize_abs_pos(self.pos_embed, self.pretrain_use_cls_token, x.shape[1:3])
+        return x
+
+
 def vit_blocks(
     block: type,
     grid: int,
@@ -314,7 +349,7 @@ def vit_blocks(
     ]
 
 
-class RevViT(TwoStreamTrunk):
+class RevViT(TwoStreamTrunk, ViTTokens):
     """Reversible Vision Transformer trunk for detection (ViTDet layout, Rev-ViT blocks).
 
     The patch tokens are duplicated into two streams (as in the paper), run through
@@ -384,12 +419,15 @@ class RevViT(TwoStreamTrunk):
     ):
         super().__init__()
         check_vit_args(depth, num_heads, embed_dim, window_size, window_block_indexes)
-        self.patch_size = patch_size
-        self.in_chans = in_chans
-        self.pretrain_use_cls_token = pretrain_use_cls_token
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, stem_channels, stem_norm)
-        self.pos_embed = abs_pos_embed(
-            use_abs_pos, pretrain_img_size, patch_size, pretrain_use_cls_token, embed_dim
+        self._init_tokens(
+            patch_size,
+            in_chans,
+            embed_dim,
+            stem_channels,
+            stem_norm,
+            use_abs_pos,
+            pretrain_img_size,
+            pretrain_use_cls_token,
         )
         blocks = vit_blocks(
             RevViTBlock,
@@ -453,10 +491,7 @@ class RevViT(TwoStreamTrunk):
 
     def forward_streams(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The two streams after the last block, each (B, C, H / p, W / p)."""
-        check_image(x, self.in_chans, self.patch_size, "RevViT", "the patch size ")
-        x = self.patch_embed(x)
-        if self.pos_embed is not None:
-            x = x + resize_abs_pos(self.pos_embed, self.pretrain_use_cls_token, x.shape[1:3])
+        x = self.tokens(x)
         x1, x2 = self.blocks(x, x)
         return x1.permute(0, 3, 1, 2), x2.permute(0, 3, 1, 2)
 

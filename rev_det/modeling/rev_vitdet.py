@@ -31,15 +31,8 @@ from detectron2.modeling import Backbone
 from torch import nn
 
 from ..reversible import BackpropModule, ReversibleSequence, ScaledCoupling
-from .attention import check_image, init_vit_weights, resize_abs_pos
-from .rev_vit import (
-    PatchEmbed,
-    RevViTBlock,
-    abs_pos_embed,
-    check_vit_args,
-    vit_blocks,
-    vit_trunk_args,
-)
+from .attention import init_vit_weights
+from .rev_vit import RevViTBlock, ViTTokens, check_vit_args, vit_blocks, vit_trunk_args
 from .trunk_args import backprop_args
 
 __all__ = ["RevViTDet", "DualResidualBlock", "REVERSIBLE_AT"]
@@ -69,7 +62,7 @@ class DualResidualBlock(RevViTBlock):
         self.coupling = ScaledCoupling(alpha, beta)
 
 
-class RevViTDet(Backbone, BackpropModule):
+class RevViTDet(Backbone, BackpropModule, ViTTokens):
     """Detectron2's ``ViT`` (ViTDet's plain backbone) as a two-stream reversible network.
 
     Same constructor arguments, parameter names (``patch_embed.proj``, ``pos_embed``,
@@ -148,13 +141,16 @@ class RevViTDet(Backbone, BackpropModule):
                 "convolutional residual blocks (ViTDet's ResBottleneckBlock); leave it empty, as "
                 "ViTDet's COCO configs do."
             )
-        self.patch_size = patch_size
-        self.in_chans = in_chans
-        self.pretrain_use_cls_token = pretrain_use_cls_token
         self.reversible_at = tuple(reversible_at)
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, stem_channels, stem_norm)
-        self.pos_embed = abs_pos_embed(
-            use_abs_pos, pretrain_img_size, patch_size, pretrain_use_cls_token, embed_dim
+        self._init_tokens(
+            patch_size,
+            in_chans,
+            embed_dim,
+            stem_channels,
+            stem_norm,
+            use_abs_pos,
+            pretrain_img_size,
+            pretrain_use_cls_token,
         )
         blocks = vit_blocks(
             DualResidualBlock,
@@ -229,10 +225,7 @@ class RevViTDet(Backbone, BackpropModule):
         return "reversible" if alpha <= max_alpha and beta >= min_beta else "checkpoint"
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        check_image(x, self.in_chans, self.patch_size, "RevViTDet", "the patch size ")
-        x = self.patch_embed(x)
-        if self.pos_embed is not None:
-            x = x + resize_abs_pos(self.pos_embed, self.pretrain_use_cls_token, x.shape[1:3])
+        x = self.tokens(x)
         # Outside training nothing is rebuilt: the coefficients need not be read then.
         self.blocks.backprop = (
             self._switch(self.running_backprop()) if self.recomputes() else (self.backprop)
