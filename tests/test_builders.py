@@ -213,10 +213,12 @@ def test_vit_trunk_args_are_the_vit_shaped_part_of_rev_vits():
 
 def test_the_pyramid_table_builds_each_pair_and_names_the_valid_choices():
     vit = tiny_cfg("MODEL.DEVICE", "meta")
+    vitdet = tiny_cfg("MODEL.DEVICE", "meta", "MODEL.BACKBONE.NAME", "build_rev_vitdet_backbone")
     mvit = yacs_cfg(DEMO_MVIT, "MODEL.DEVICE", "meta")
     expected = {
         ("single-scale", "reversible"): (vit, ReversibleFeaturePyramid),
         ("single-scale", "simple"): (vit, SimpleFeaturePyramid),
+        ("single-scale, one-stream", "simple"): (vitdet, SimpleFeaturePyramid),
         ("multi-scale", "reversible"): (mvit, RecomputedFPN),
         ("multi-scale", "fpn"): (mvit, FPN),
     }

@@ -460,7 +460,8 @@ def test_yacs_twin_builds_the_surrogate_in_vitdets_pyramid():
     assert type(model.backbone.net).__name__ == "RevViTDet"
     assert "simfp_2" in dict(model.backbone.named_children())
     assert {c.device.type for c in model.backbone.net.couplings()[0].buffers()} == {"meta"}
-    with pytest.raises(ValueError, match=r"'reversible' .*ViTDet surrogate.*'simple'"):
+    message = r"'reversible' is for single-scale trunks; RevViTDet is single-scale, one-stream"
+    with pytest.raises(ValueError, match=message + r": choose 'simple'"):
         build_model(
             yacs_cfg(VITDET_B_YAML, "MODEL.DEVICE", "meta", "MODEL.REV.PYRAMID", "reversible")
         )

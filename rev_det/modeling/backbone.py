@@ -95,7 +95,7 @@ def _recomputed_fpn(cfg, net: Backbone) -> Backbone:
 PYRAMIDS: Dict[Tuple[str, str], Callable[..., Backbone]] = {
     ("single-scale", "reversible"): _reversible_pyramid,
     ("single-scale", "simple"): _simple_pyramid,
-    ("ViTDet surrogate", "simple"): _vitdet_pyramid,
+    ("single-scale, one-stream", "simple"): _vitdet_pyramid,
     ("multi-scale", "reversible"): _recomputed_fpn,
     ("multi-scale", "fpn"): _fpn,
 }
@@ -115,7 +115,7 @@ def build_pyramid(cfg, net: Backbone) -> Backbone:
     if isinstance(net, TwoStreamTrunk):
         kind = "single-scale"
     else:
-        kind = "ViTDet surrogate" if isinstance(net, RevViTDet) else "multi-scale"
+        kind = "single-scale, one-stream" if isinstance(net, RevViTDet) else "multi-scale"
     name = cfg.MODEL.REV.PYRAMID
     build = PYRAMIDS.get((kind, name))
     if build is None:
