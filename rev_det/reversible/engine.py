@@ -10,6 +10,9 @@ and its input can be rebuilt from its output (:meth:`ReversibleBlock.inverse`)::
     X2 = Y2 - G(Y1)
     X1 = Y1 - F(X2)
 
+(the ``+`` is the block's :class:`Coupling`: additive by default; a :class:`ScaledCoupling`
+computes ``Y1 = beta X1 + alpha X2 + F(X2)`` and is undone by dividing by ``beta``.)
+
 So a sequence of such blocks needs to keep only its last output for backward; or, when the
 sequence ends in a map that can be inverted (:class:`SequenceOutput`, e.g. the streams
 concatenated and normalised), only that map, which its consumer keeps anyway, and what inverts
