@@ -39,9 +39,10 @@ __all__ = ["RevViTDet", "DualResidualBlock", "REVERSIBLE_AT"]
 
 logger = logging.getLogger(__name__)
 
-# Where backprop="reversible" starts to be trusted (alpha at most, beta at least): every gradient
-# of a 12-block ViT-B at 1024x1024 in float32 within the tolerance that reversible mode is held to
-# (1e-4 relative to autograd's); measured by tools/coupling_precision.py (docs/vitdet_surrogate.md).
+# Where backprop="reversible" starts (alpha at most, beta at least): RevViT's coupling itself.
+# Reversible gradients must stay within the tolerance reversible mode is held to (float32, 1e-4
+# relative to autograd's); tools/coupling_precision.py measured ViT-B at 1024 within it from about
+# (0.05, 0.95), but ViT-L already beyond it at (0.1, 0.9) (docs/vitdet_surrogate.md, "Precision").
 REVERSIBLE_AT = (0.0, 1.0)
 
 
@@ -181,9 +182,8 @@ class RevViTDet(Backbone, BackpropModule, ViTTokens):
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec) -> Dict[str, Any]:
         """The constructor arguments from ``cfg.MODEL.REVVIT`` (the ViT's shape and stem, as for
-        RevViT),
-        ``cfg.MODEL.REV.COUPLING`` (the coefficients' start and the reversible threshold) and
-        ``cfg.MODEL.REV`` (backprop).
+        RevViT), ``cfg.MODEL.REV.COUPLING`` (the coefficients' start and the reversible
+        threshold) and ``cfg.MODEL.REV`` (backprop).
 
         Args:
             cfg: a Detectron2 config with rev_det's keys.
@@ -227,13 +227,14 @@ class RevViTDet(Backbone, BackpropModule, ViTTokens):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self.tokens(x)
         # Outside training nothing is rebuilt: the coefficients need not be read then.
-        self.blocks.backprop = (
-            self._switch(self.running_backprop()) if self.recomputes() else (self.backprop)
-        )
+        recompute = self.recomputes()
+        self.blocks.backprop = self._switch(self.running_backprop()) if recompute else self.backprop
         _, s = self.blocks(x, x)
         return {self._out_features[0]: s.permute(0, 3, 1, 2)}
 
     def _switch(self, mode: str) -> str:
+        """``mode``, logged when it is not the mode the last training forward ran (or, at the
+        first, when it is not the requested one)."""
         if mode != self._running:
             if self._running is not None or mode != self.backprop:
                 alpha, beta = self.couplings()[0].alpha, self.couplings()[0].beta
