@@ -249,11 +249,3 @@ class RevViTDet(Backbone, BackpropModule, ViTTokens):
                 )
             self._running = mode
         return mode
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
