@@ -80,3 +80,9 @@ def test_surrogate_experiment_variants_start_from_one_plain_vit(tmp_path):
         )
     plain = parity._cfg(variants["plain"].config, variants["plain"].opts)
     assert plain.MODEL.REV.BACKPROP == "autograd" and tuple(plain.MODEL.REV.COUPLING.BETA) == (0, 0)
+
+
+def test_three_or_more_seeds_give_mean_and_sample_standard_deviation():
+    assert parity._stat([20.0, 22.0, 24.0]) == "20.0 / 22.0 / 24.0: 22.0 ± 2.0"
+    assert parity._stat([19.0, 21.5]) == "19.0 / 21.5: 20.2 (2.5)"
+    assert parity._stat([]) == "-"

@@ -460,11 +460,41 @@ def test_yacs_twin_builds_the_surrogate_in_vitdets_pyramid():
     assert type(model.backbone.net).__name__ == "RevViTDet"
     assert "simfp_2" in dict(model.backbone.named_children())
     assert {c.device.type for c in model.backbone.net.couplings()[0].buffers()} == {"meta"}
-    message = r"'reversible' is for single-scale trunks; RevViTDet is single-scale, one-stream"
-    with pytest.raises(ValueError, match=message + r": choose 'simple'"):
-        build_model(
-            yacs_cfg(VITDET_B_YAML, "MODEL.DEVICE", "meta", "MODEL.REV.PYRAMID", "reversible")
-        )
+    message = r"'fpn' is for multi-scale trunks; RevViTDet is single-scale, one-stream"
+    with pytest.raises(ValueError, match=message + r": choose 'simple' or 'reversible'"):
+        build_model(yacs_cfg(VITDET_B_YAML, "MODEL.DEVICE", "meta", "MODEL.REV.PYRAMID", "fpn"))
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, 0.0), (0.0, 1.0)])
+def test_reversible_pyramid_on_the_surrogate_reads_its_last_stream_with_autograds_gradients(
+    alpha, beta
+):
+    """MODEL.REV.PYRAMID "reversible" on RevViTDet: the pyramid reduces ViT's output (the last
+    stream, C channels); whatever mode the trunk runs (checkpoint at (1, 0), reversible at
+    (0, 1)), the gradients are autograd's."""
+    cfg = tiny_cfg("MODEL.BACKBONE.NAME", "build_rev_vitdet_backbone")
+    assert cfg.MODEL.REV.PYRAMID == "reversible"
+    torch.manual_seed(0)
+    backbone = build_model(cfg).backbone.double().train()
+    assert backbone.reduce.in_channels == backbone.net.stream_channels == 48
+    for c in backbone.net.couplings():
+        c.set(alpha, beta)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want = backbone.reduce(backbone.net(backbone._pad_to_square(x))["last_feat"])
+        assert torch.equal(backbone._reduced(*backbone.net.forward_streams(x)), want)
+    grads = {}
+    for mode in ("autograd", "reversible"):
+        set_backprop(backbone, mode)
+        backbone.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same drop-path masks
+        features = backbone(x)
+        sum((f * f.cos()).sum() for f in features.values()).backward()
+        grads[mode] = {n: p.grad for n, p in backbone.named_parameters() if p.grad is not None}
+    assert backbone.net.blocks.backprop == ("reversible" if beta else "checkpoint")
+    assert grads["reversible"].keys() == grads["autograd"].keys()
+    for name, grad in grads["autograd"].items():
+        assert rel_err(grads["reversible"][name], grad) < 1e-9, name
 
 
 def test_tiny_surrogate_detector_trains_a_step_in_every_mode():

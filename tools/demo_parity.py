@@ -7,7 +7,7 @@ from its ``metrics.json``, evaluates its final weights on ``revdet_shapes_test``
 images: on the 100 validation images two models' AP differs by a few points by luck alone) and
 measures the peak training memory per image of one step of that configuration (exact CPU
 tracker, as ``tools/demo_report.py``). Writes ``results.json`` and ``results.md`` (a table with
-the mean and spread over seeds) into ``--out``. A run whose ``metrics.json`` already holds the
+the mean and standard deviation over seeds) into ``--out``. A run whose ``metrics.json`` already holds the
 final AP is not trained again, nor evaluated again once its ``test_ap.json`` exists, so an
 interrupted comparison continues where it stopped; ``--no-train`` tabulates only the runs
 already there (a comparison still in progress).
@@ -37,6 +37,7 @@ two seeds); it is not part of CI.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -222,11 +223,13 @@ def seconds_per_iteration(output_dir: str) -> Optional[float]:
 
 
 def _stat(values: List[float]) -> str:
-    """Values per seed, then their mean and (spread)."""
+    """Values per seed, then their mean ± sample standard deviation (the spread for two)."""
     if not values:
         return "-"
     per_seed = " / ".join(f"{v:.1f}" for v in values)
-    return f"{per_seed}: {sum(values) / len(values):.1f} ({max(values) - min(values):.1f})"
+    if len(values) < 3:
+        return f"{per_seed}: {statistics.fmean(values):.1f} ({max(values) - min(values):.1f})"
+    return f"{per_seed}: {statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def table(runs: List[dict], variants: List[Variant]) -> str:
@@ -251,7 +254,7 @@ def table(runs: List[dict], variants: List[Variant]) -> str:
         )
     lines.append("")
     lines.append(
-        f"AP per seed: mean (spread). test: {SHAPES_TEST_DATASET} (600 images); val: "
+        "AP per seed: mean ± sample standard deviation (with two seeds: mean (spread)). test: {SHAPES_TEST_DATASET} (600 images); val: "
         "revdet_shapes_val (100 images, the demo's evaluation)."
     )
     return "\n".join(lines)

@@ -89,13 +89,15 @@ def _recomputed_fpn(cfg, net: Backbone) -> Backbone:
 # The pyramid of each (trunk kind, MODEL.REV.PYRAMID): the one place that pairs them. A
 # single-scale trunk is a TwoStreamTrunk (RevViT, or a new trunk of that contract); ViTDet's
 # pyramid and rev_det's reversible one resample its one map. RevViTDet, ViTDet's ViT as a
-# surrogate, gives ViT's one map and feeds ViTDet's pyramid. A multi-scale trunk (RevMViT) feeds
-# Detectron2's FPN, or the same FPN recomputed in backward. Every pyramid gives p2-p5 (strides
-# 4-32) whatever the trunk's stride, and p6 by max-pooling p5, as Mask R-CNN's heads expect.
+# surrogate, gives ViT's one map (its last stream) and feeds ViTDet's pyramid, or the reversible
+# one at the stream width. A multi-scale trunk (RevMViT) feeds Detectron2's FPN, or the same FPN
+# recomputed in backward. Every pyramid gives p2-p5 (strides 4-32) whatever the trunk's stride,
+# and p6 by max-pooling p5, as Mask R-CNN's heads expect.
 PYRAMIDS: Dict[Tuple[str, str], Callable[..., Backbone]] = {
     ("single-scale", "reversible"): _reversible_pyramid,
     ("single-scale", "simple"): _simple_pyramid,
     ("single-scale, one-stream", "simple"): _vitdet_pyramid,
+    ("single-scale, one-stream", "reversible"): _reversible_pyramid,
     ("multi-scale", "reversible"): _recomputed_fpn,
     ("multi-scale", "fpn"): _fpn,
 }
@@ -112,10 +114,10 @@ def build_pyramid(cfg, net: Backbone) -> Backbone:
     Returns:
         Backbone: the pyramid around ``net``, as :data:`PYRAMIDS` builds it.
     """
-    if isinstance(net, TwoStreamTrunk):
-        kind = "single-scale"
+    if isinstance(net, RevViTDet):
+        kind = "single-scale, one-stream"
     else:
-        kind = "single-scale, one-stream" if isinstance(net, RevViTDet) else "multi-scale"
+        kind = "single-scale" if isinstance(net, TwoStreamTrunk) else "multi-scale"
     name = cfg.MODEL.REV.PYRAMID
     build = PYRAMIDS.get((kind, name))
     if build is None:
@@ -182,7 +184,8 @@ def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
 @BACKBONE_REGISTRY.register()
 def build_rev_vitdet_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """RevViTDet (:meth:`RevViTDet.from_config`, ViTDet's ViT as a reversible surrogate) in
-    ViTDet's simple feature pyramid (``MODEL.REV.PYRAMID "simple"``): p2-p6."""
+    ViTDet's simple feature pyramid (``MODEL.REV.PYRAMID "simple"``) or rev_det's reversible one
+    (``"reversible"``): p2-p6."""
     return _build_backbone(RevViTDet, cfg, input_shape)
 
 

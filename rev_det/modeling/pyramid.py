@@ -363,7 +363,8 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
     trunk's two streams (``net.forward_streams``). Per level::
 
         x1, x2 (C each, trunk stride t)   kept anyway: the trunk's reversible output
-          | the trunk's fusion (concat + LayerNorm), 1x1 conv to W + norm   (recomputed)
+          | the trunk's fusion (RevViT: concat + LayerNorm; RevViTDet: its
+          |   last stream), 1x1 conv to W + norm                           (recomputed)
           | ViTDet's resampling (deconvolutions / max pooling),             (recomputed)
           |   1x1 conv to D + norm
         h (D channels, stride t / s)
@@ -426,7 +427,8 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
         self.net = net
         scale_factors = self._init_outputs(net, scale_factors, out_channels, top_block, square_pad)
         width = width or net.stream_channels
-        self.reduce = _reduce(2 * net.stream_channels, width, norm)
+        fused = net.output_shape()[net._out_features[0]].channels
+        self.reduce = _reduce(fused, width, norm)
         self.levels = nn.ModuleList(
             _Level(s, width, out_channels, num_blocks, norm) for s in scale_factors
         )

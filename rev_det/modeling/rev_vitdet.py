@@ -27,12 +27,12 @@ from typing import Any, Dict, Sequence, Tuple
 
 import torch
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import Backbone
 from torch import nn
 
-from ..reversible import BackpropModule, ReversibleSequence, ScaledCoupling
+from ..reversible import ReversibleSequence, ScaledCoupling
 from .attention import init_vit_weights
 from .rev_vit import RevViTBlock, ViTTokens, check_vit_args, vit_blocks, vit_trunk_args
+from .trunk import TwoStreamTrunk
 from .trunk_args import backprop_args
 
 __all__ = ["RevViTDet", "DualResidualBlock", "REVERSIBLE_AT"]
@@ -63,7 +63,7 @@ class DualResidualBlock(RevViTBlock):
         self.coupling = ScaledCoupling(alpha, beta)
 
 
-class RevViTDet(Backbone, BackpropModule, ViTTokens):
+class RevViTDet(TwoStreamTrunk, ViTTokens):
     """Detectron2's ``ViT`` (ViTDet's plain backbone) as a two-stream reversible network.
 
     Same constructor arguments, parameter names (``patch_embed.proj``, ``pos_embed``,
@@ -72,6 +72,9 @@ class RevViTDet(Backbone, BackpropModule, ViTTokens):
     Detectron2's ``ViT``, so ViTDet's configs, its pyramid and its checkpoints (MAE, ViTDet's COCO
     detectors) work unchanged; at ``(alpha, beta) = (1, 0)`` it computes ViT's function. See the
     module docstring for the coupling and ``docs/vitdet_surrogate.md`` for the schedule.
+
+    As a :class:`TwoStreamTrunk` its fusion is the last stream (C channels, ViT's output), so
+    rev_det's reversible pyramid also takes it, at the stream width.
 
     Args:
         img_size: input size the global blocks' relative position tables are sized for.
@@ -224,13 +227,23 @@ class RevViTDet(Backbone, BackpropModule, ViTTokens):
         max_alpha, min_beta = self.reversible_at
         return "reversible" if alpha <= max_alpha and beta >= min_beta else "checkpoint"
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    @property
+    def stream_channels(self) -> int:
+        return self._out_feature_channels[self._out_features[0]]
+
+    def forward_streams(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two streams after the last block, each (B, C, H / p, W / p)."""
         x = self.tokens(x)
         # Outside training nothing is rebuilt: the coefficients need not be read then.
         recompute = self.recomputes()
         self.blocks.backprop = self._switch(self.running_backprop()) if recompute else self.backprop
-        _, s = self.blocks(x, x)
-        return {self._out_features[0]: s.permute(0, 3, 1, 2)}
+        r, s = self.blocks(x, x)
+        return r.permute(0, 3, 1, 2), s.permute(0, 3, 1, 2)
+
+    def fuse(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """ViT's output: the last stream (at (1, 0) the first holds only the last attention's
+        residual sum, which the pretrained network never output)."""
+        return x2
 
     def _switch(self, mode: str) -> str:
         """``mode``, logged when it is not the mode the last training forward ran (or, at the

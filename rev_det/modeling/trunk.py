@@ -17,13 +17,14 @@ class TwoStreamTrunk(Backbone, BackpropModule):
 
         images -> forward_streams -> x1, x2 (B, C, H/t, W/t)  the reversible output, kept
                                        | fuse
-                                     (B, 2C, H/t, W/t)        ``forward()``: {name: this}
+                                     (B, F, H/t, W/t)         ``forward()``: {name: this}
 
     :class:`~rev_det.modeling.ReversibleFeaturePyramid` takes the streams (it re-runs ``fuse``
     per level instead of storing the fused map); :class:`~rev_det.modeling.SimpleFeaturePyramid`
-    takes ``forward()``'s map and works at :attr:`stream_channels`. Subclasses implement
-    :meth:`forward_streams` and :meth:`fuse`, and set ``_out_features`` (one name),
-    ``_out_feature_channels`` (2C) and ``_out_feature_strides`` (t), and ``backprop``.
+    takes ``forward()``'s map. Subclasses implement :meth:`forward_streams` and :meth:`fuse`, and
+    set ``_out_features`` (one name), ``_out_feature_channels`` (F: 2C for RevViT's concatenation;
+    a trunk whose map is one stream, such as RevViTDet, overrides :attr:`stream_channels`) and
+    ``_out_feature_strides`` (t), and ``backprop``.
     """
 
     def forward_streams(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -31,12 +32,12 @@ class TwoStreamTrunk(Backbone, BackpropModule):
         raise NotImplementedError
 
     def fuse(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """The trunk's output map (B, 2C, H / t, W / t) from its two streams."""
+        """The trunk's output map (B, F, H / t, W / t) from its two streams."""
         raise NotImplementedError
 
     @property
     def stream_channels(self) -> int:
-        """C, the width of each stream."""
+        """C, the width of each stream (half the fused map's, unless a subclass says)."""
         return self._out_feature_channels[self._out_features[0]] // 2
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
