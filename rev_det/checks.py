@@ -258,12 +258,14 @@ _LAZY_DEFAULTS = {
     "check_reconstruction": {"period": 0, "threshold": 0.1},
     # RevViTDet's coupling schedule (rev_det.training.CouplingSchedule; yacs: MODEL.REV.COUPLING).
     "coupling": {"alpha": (1.0, 0.0), "beta": (0.0, 1.0), "ramp": (0.0, 0.1)},
+    # The optimizer step inside backward (rev_det.step_in_backward; yacs: SOLVER.STEP_IN_BACKWARD).
+    "step_in_backward": False,
 }
 
 
 def complete_lazy_config(cfg) -> None:
     """Add the optional ``train.*`` keys rev_det reads (seed, strict_load,
-    check_reconstruction, coupling, amp.precision) with their defaults, so that overriding them is
+    check_reconstruction, coupling, step_in_backward, amp.precision) with their defaults, so that overriding them is
     overriding a known key and ``config.yaml`` records them."""
     for key, value in _LAZY_DEFAULTS.items():
         if key not in cfg.train:

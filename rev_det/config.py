@@ -107,6 +107,10 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.SOLVER.OPTIMIZER = "SGD"
     _c.SOLVER.BETAS = (0.9, 0.999)
     _c.SOLVER.LR_DECAY_RATE = 1.0
+    # Update each parameter inside backward, as soon as its gradient is complete, and free that
+    # gradient at once (rev_det.step_in_backward): the step never holds all gradients. AdamW or
+    # SGD, fp32 or bfloat16 AMP; the same parameters as stepping after backward.
+    _c.SOLVER.STEP_IN_BACKWARD = False
     # Autocast dtype of AMP training (SOLVER.AMP.ENABLED) with rev_det.training.RevAMPTrainer:
     # "float16" (with loss scaling) or "bfloat16". Detectron2 v0.6 has no such key.
     if "PRECISION" not in _c.SOLVER.AMP:

@@ -19,6 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import check_choice
 from .modeling.layers import LayerNorm2d
+from .step_in_backward import check_step_in_backward, step_in_backward
 
 __all__ = ["get_optimizer_params", "lr_decay_layer_id", "build_optimizer", "expect_optimizer"]
 
@@ -84,7 +85,18 @@ def get_optimizer_params(
 
 
 def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of ``cfg.SOLVER``: "ADAMW" (layer-wise lr decay) or Detectron2's SGD."""
+    """The optimizer of ``cfg.SOLVER``: "ADAMW" (layer-wise lr decay) or Detectron2's SGD,
+    stepping inside backward with ``SOLVER.STEP_IN_BACKWARD`` (:mod:`rev_det.step_in_backward`)."""
+    optimizer = _build_optimizer(cfg, model)
+    if cfg.SOLVER.STEP_IN_BACKWARD:
+        amp = cfg.SOLVER.AMP
+        fp16 = amp.ENABLED and amp.PRECISION == "float16"
+        check_step_in_backward(optimizer, fp16, "SOLVER.STEP_IN_BACKWARD")
+        step_in_backward(optimizer, model)
+    return optimizer
+
+
+def _build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "SGD":
         from detectron2.solver import build_optimizer as d2_build_optimizer

@@ -27,6 +27,7 @@ import weakref
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import detectron2.utils.comm as comm
+import torch
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.engine import (
@@ -67,7 +68,8 @@ from .data import ResumableTrainLoader, build_resumable_train_loader, prepare_da
 from .reversible import name_reversible_blocks
 from .reversible.ddp import check_ddp_model
 from .solver import build_optimizer
-from .training import CouplingSchedule, ReconstructionCheck, RevAMPTrainer
+from .step_in_backward import attach_ddp, check_step_in_backward, step_in_backward
+from .training import CouplingSchedule, ReconstructionCheck, RevAMPTrainer, parse_precision
 from .utils import detectron2_has_compiled_ops
 
 __all__ = [
@@ -224,6 +226,7 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         super().__init__(cfg)
         check_ddp_model(self.model)
+        attach_ddp(self.optimizer, self.model)
         check_train_classes(
             self.data_loader, cfg.DATASETS.TRAIN, cfg.MODEL.ROI_HEADS.NUM_CLASSES, YACS
         )
@@ -375,6 +378,11 @@ def train_lazy(cfg, resume: bool = False) -> None:
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
+    precision = cfg.train.amp.get("precision", "float16")
+    if cfg.train.step_in_backward:
+        fp16 = cfg.train.amp.enabled and parse_precision(precision) == torch.float16
+        check_step_in_backward(optimizer, fp16, "train.step_in_backward")
+        step_in_backward(optimizer, model)
     train_loader = instantiate(cfg.dataloader.train)
     roi_heads = cfg.model.get("roi_heads", {})
     check_train_classes(
@@ -385,9 +393,9 @@ def train_lazy(cfg, resume: bool = False) -> None:
     )
 
     model = check_ddp_model(create_ddp_model(model, **cfg.train.ddp))
+    attach_ddp(optimizer, model)
     if cfg.train.amp.enabled:
         # v0.6's AMPTrainer needs CUDA and float16; this one autocasts on the model's device.
-        precision = cfg.train.amp.get("precision", "float16")
         trainer = RevAMPTrainer(model, train_loader, optimizer, precision=precision)
     else:
         trainer = SimpleTrainer(model, train_loader, optimizer)

@@ -187,13 +187,19 @@ class Detection:
         self.args = args
         self.budget = budget
         self.vit = args.backbone.startswith("rev_vit")
-        # RevViTDet, ViTDet's ViT as a surrogate, has ViTDet's pyramid only; its reversible row
-        # is its reversible phase (the coupling at REVERSIBLE_AT), its checkpoint row the phase
-        # before.
+        # RevViTDet, ViTDet's ViT as a surrogate, in ViTDet's pyramid (its main rows) or rev_det's
+        # reversible one; its reversible rows are its reversible phase (the coupling at
+        # REVERSIBLE_AT), its checkpoint rows the phase before.
         self.surrogate = args.backbone.startswith("rev_vitdet")
         self.baseline = "simple" if self.vit else "fpn"
         if self.surrogate:
-            self.pairs = [(mode, "simple") for mode in MODES]
+            self.pairs = [
+                ("autograd", "simple"),
+                ("checkpoint", "simple"),
+                ("checkpoint", "reversible"),
+                ("reversible", "reversible"),
+                ("reversible", "simple"),
+            ]
         else:
             self.pairs = [
                 ("autograd", self.baseline),
