@@ -87,6 +87,8 @@ class MemoryTracker(TorchDispatchMode):
         weakref.finalize(storage, self._free, key)
 
     def _on_grad(self, param: torch.nn.Parameter):
+        if param.grad is None:  # already used and freed (an optimizer step inside backward)
+            return
         key = param.grad.untyped_storage()._cdata
         if key in self._live and key not in self._grad_keys:
             self._grad_keys.add(key)

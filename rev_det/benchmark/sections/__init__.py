@@ -9,6 +9,7 @@ from .depth import DEPTH
 from .detection import DETECTION, RESOLUTION
 from .section import Section
 from .speed import SPEED
+from .whole_step import WHOLE_STEP
 
 __all__ = ["SECTIONS", "Section", "describe_sections"]
 
@@ -16,7 +17,7 @@ __all__ = ["SECTIONS", "Section", "describe_sections"]
 # sweeps' smaller runs come first and let the memory budget predict the larger ones, and a
 # detector measured by one section is not measured again by the next.
 SECTIONS: Dict[str, Section] = {
-    s.name: s for s in (DEPTH, RESOLUTION, DETECTION, CLASSIFICATION, SPEED)
+    s.name: s for s in (DEPTH, RESOLUTION, DETECTION, WHOLE_STEP, CLASSIFICATION, SPEED)
 }
 
 

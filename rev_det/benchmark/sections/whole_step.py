@@ -1,0 +1,146 @@
+"""The whole-step section: everything a training step must hold (parameters, gradients, AdamW's
+state, activations and temporaries), with the optimizer step after backward and inside it.
+
+Two AdamW iterations are run in Detectron2's order (forward, ``zero_grad``, backward, ``step``:
+Detectron2 v0.6's SimpleTrainer keeps the last step's gradients through the next forward), and
+the second one is measured, so the optimizer state is alive. On CPU the exact tracker counts
+what the iterations create (gradients, AdamW's moments, activations); the parameters, created
+before, are added. On CUDA the allocator's peaks are absolute: ``max_memory_allocated`` and
+``max_memory_reserved`` over the second iteration.
+"""
+
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from detectron2.modeling import build_model
+
+from rev_det.solver import build_optimizer
+from rev_det.utils import MemoryTracker, MiB
+
+from ..detectors import Detection, detection_forward, synthetic_batch
+from ..measure import Row, param_mib
+from ..report import markdown_section
+from ..vitdet import HAS_VITDET, vitdet_detector
+from .section import Section
+
+__all__ = ["WHOLE_STEP", "whole_step_memory"]
+
+
+def whole_step_memory(model, optimizer, forward: Callable[[], torch.Tensor], device: str) -> dict:
+    """MiB of the second of two training iterations of ``model`` (see the module docstring):
+    ``optimizer_state``, ``whole_step_peak`` (parameters included), ``step_peak`` (the peak
+    less parameters and optimizer state: activations, temporaries and the gradients alive then)
+    and, on CUDA, ``whole_step_reserved``."""
+
+    def iteration():
+        loss = forward()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        del loss
+        optimizer.step()
+
+    def state_bytes():
+        return sum(
+            t.numel() * t.element_size()
+            for state in optimizer.state.values()
+            for t in state.values()
+            if torch.is_tensor(t)
+        )
+
+    params = param_mib(model) * MiB
+    optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        iteration()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        iteration()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        extra = {"whole_step_reserved": torch.cuda.max_memory_reserved() / MiB}
+    else:
+        with MemoryTracker() as mem:
+            iteration()
+            mem.reset_peak()
+            iteration()
+        peak, extra = params + mem.peak, {}
+    state = state_bytes()
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "optimizer_state": state / MiB,
+        "step_peak": (peak - params - state) / MiB,
+        "whole_step_peak": peak / MiB,
+        **extra,
+    }
+
+
+def _detectors(args, det: Detection) -> List[Tuple[str, Tuple[str, str], Callable]]:
+    """(label, (backprop, pyramid) of the config, build model from cfg) of the detectors
+    measured: rev_det's main runs, and Detectron2's ViTDet (autograd, activation checkpointing)
+    on the same config where it is installed."""
+    runs = [(f"{b}/{p}", (b, p), build_model) for b, p in det.main_runs()]
+    if args.vitdet and HAS_VITDET and det.vit and not det.surrogate:
+        for ckpt, label in ((False, "ViTDet"), (True, "ViTDet, act. ckpt")):
+
+            def build(cfg, ckpt=ckpt):
+                return vitdet_detector(cfg, ckpt, args.size)
+
+            runs.append((label, ("autograd", "simple"), build))
+    return runs
+
+
+def _run(args, results, det: Detection):
+    rows = []
+    for label, pair, build in _detectors(args, det):
+        for in_backward in (False, True):
+            cfg = det.cfg(*pair).clone()
+            cfg.SOLVER.OPTIMIZER = "ADAMW"
+            cfg.SOLVER.STEP_IN_BACKWARD = in_backward
+            cfg.SOLVER.AMP.ENABLED = False  # the benchmark autocasts itself (--amp: bfloat16)
+            torch.manual_seed(0)
+            model = build(cfg).train()
+            optimizer = build_optimizer(cfg, model)
+            batch = synthetic_batch(
+                args.size, args.batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.DEVICE
+            )
+            forward = detection_forward(model, batch, args.amp)
+            row: Dict[str, object] = dict(detector=label, step_in_backward=in_backward)
+            row["params"] = param_mib(model)
+            row.update(whole_step_memory(model, optimizer, forward, args.device))
+            print(
+                f"  {label}, step in backward {in_backward}: whole step "
+                f"{row['whole_step_peak']:9.1f} MiB",
+                flush=True,
+            )
+            rows.append(row)
+            del model, optimizer, forward
+    results["whole_step"] = rows
+
+
+def _report(args, results) -> List[str]:
+    rows = results["whole_step"]
+    columns = ["detector", "step_in_backward", "params", "optimizer_state", "step_peak"]
+    columns += ["whole_step_peak"]
+    if any("whole_step_reserved" in r for r in rows):
+        columns += ["whole_step_reserved"]
+    notes = [
+        "AdamW (layer-wise lr decay groups), the second of two iterations in Detectron2's order "
+        "(forward, zero_grad, backward, step); params and optimizer_state are what the step "
+        "holds throughout; step_peak = whole_step_peak - params - optimizer_state: activations, "
+        "temporaries and the gradients alive at the peak (all of them, as many MiB as the "
+        "parameters, when the step follows backward; one parameter's at a time inside it)",
+    ]
+    if not HAS_VITDET:
+        notes.append("Detectron2's ViTDet rows need Detectron2 main (v0.6 has no ViTDet)")
+    title = f"Whole training step at {args.size}x{args.size}, batch {args.batch}"
+    return markdown_section(title, rows, columns, notes)
+
+
+WHOLE_STEP = Section(
+    name="whole_step",
+    what="Everything one AdamW training step holds (parameters, gradients, optimizer state, "
+    "activations) for the baseline, checkpoint and reversible detectors and Detectron2's "
+    "ViTDet (where installed), with the optimizer step after backward and inside it "
+    "(SOLVER.STEP_IN_BACKWARD).",
+    run=_run,
+    report=_report,
+)
