@@ -53,6 +53,9 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REV.COUPLING.BETA = (0.0, 1.0)
     _c.MODEL.REV.COUPLING.RAMP = (0.0, 0.1)
     _c.MODEL.REV.COUPLING.REVERSIBLE_AT = REVERSIBLE_AT
+    # Recompute the RPN, box and mask heads' activations in backward (rev_det.modeling.heads):
+    # with a reversible trunk and pyramid they hold most of what the step keeps for backward.
+    _c.MODEL.REV.RECOMPUTE_HEADS = False
     # Loading MODEL.WEIGHTS (or resuming) fails if the checkpoint lacks a backbone weight or
     # has one of another shape, instead of leaving it at its initialization.
     _c.MODEL.REV.STRICT_LOAD = False

@@ -65,6 +65,7 @@ from .checks import (
 )
 from .config import add_revdet_config
 from .data import ResumableTrainLoader, build_resumable_train_loader, prepare_datasets
+from .modeling import build_detector, recompute_heads
 from .reversible import name_reversible_blocks
 from .reversible.ddp import check_ddp_model
 from .solver import build_optimizer
@@ -285,7 +286,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         # Errors of the reversible backward then name the block (e.g. backbone.net.blocks.3).
-        return name_reversible_blocks(super().build_model(cfg))
+        model = name_reversible_blocks(build_detector(cfg))
+        logger.info("Model:\n%s", model)  # as Detectron2's build_model does
+        return model
 
     # Detectron2 v0.6's DefaultTrainer checkpoints its hooks but not its inner trainer, so a
     # resumed run restarted the optimizer (AdamW moments) and AMP grad scaler from scratch
@@ -373,6 +376,8 @@ def train_lazy(cfg, resume: bool = False) -> None:
     complete_lazy_config(cfg)  # for configs loaded elsewhere than load_lazy_config
     # Errors of the reversible backward then name the block (e.g. backbone.net.blocks.3).
     model = name_reversible_blocks(instantiate(cfg.model))
+    if cfg.train.recompute_heads:
+        recompute_heads(model)
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
 

@@ -9,13 +9,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 from torch import nn
 
 from rev_det.config import add_revdet_config
-from rev_det.modeling import RevMViT, RevViT, RevViTDet, vit_trunk_args
+from rev_det.modeling import RevMViT, RevViT, RevViTDet, build_detector, vit_trunk_args
 from rev_det.modeling.rev_vitdet import REVERSIBLE_AT
 
 from .measure import MemoryBudget, Row, budgeted, measure, param_mib
@@ -95,9 +94,19 @@ def detector_cfg(
 
 
 def synthetic_batch(
-    size: int, batch: int, num_classes: int, device: str, objects: int = 3
+    size: int,
+    batch: int,
+    num_classes: int,
+    device: str,
+    objects: int = 3,
+    mask_format: str = "polygon",
 ) -> List[dict]:
     """Images with ``objects`` boxes and masks each, so that every head produces losses.
+
+    The masks are rectangles, in the config's ``INPUT.MASK_FORMAT``: "polygon" (Detectron2's
+    default, COCO's) or "bitmask". The format matters for memory: Detectron2's ROI heads give
+    every sampled proposal its ground truth's mask, which for bitmasks is a copy of the whole
+    image's mask (512 proposals at 1024x1024: 512 MiB per image), for polygons a few numbers.
 
     With 3 objects (the memory sections) the mask head trains on however many sampled
     proposals overlap them, which depends on the model's weights. The speed section gives every
@@ -116,10 +125,16 @@ def synthetic_batch(
         boxes = torch.cat([fixed, torch.cat([corner, corner + side], dim=1)])[:objects]
         inst.gt_boxes = Boxes(boxes * size)
         inst.gt_classes = torch.randint(0, num_classes, (objects,), generator=g)
-        masks = torch.zeros(objects, size, size, dtype=torch.bool)
-        for m, (x0, y0, x1, y1) in zip(masks, (boxes * size).long().tolist()):
-            m[y0:y1, x0:x1] = True
-        inst.gt_masks = BitMasks(masks)
+        corners = (boxes * size).long().tolist()
+        if mask_format == "polygon":
+            inst.gt_masks = PolygonMasks(
+                [[[x0, y0, x1, y0, x1, y1, x0, y1]] for x0, y0, x1, y1 in corners]
+            )
+        else:
+            masks = torch.zeros(objects, size, size, dtype=torch.bool)
+            for m, (x0, y0, x1, y1) in zip(masks, corners):
+                m[y0:y1, x0:x1] = True
+            inst.gt_masks = BitMasks(masks)
         image = torch.randint(0, 255, (3, size, size), generator=g, dtype=torch.uint8)
         out.append({"image": image.to(device), "instances": inst.to(device)})
     return out
@@ -255,9 +270,13 @@ class Detection:
             return row
         cfg = self.cfg(backprop, pyramid, depth if depth != self.depth else None)
         torch.manual_seed(0)
-        model = build_model(cfg).train()
+        model = build_detector(cfg).train()
         data = synthetic_batch(
-            size, self.args.batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.DEVICE
+            size,
+            self.args.batch,
+            cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            cfg.MODEL.DEVICE,
+            mask_format=cfg.INPUT.MASK_FORMAT,
         )
         what = f"{backprop}/{pyramid} at {size}, depth {depth}"
         if row is None:

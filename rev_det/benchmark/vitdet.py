@@ -6,12 +6,11 @@ checkpointing. Detectron2 v0.6 has no ViTDet; there these builders return None
 from functools import partial
 from typing import Optional
 
-from detectron2.modeling import build_model
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rev_det.modeling import vit_trunk_args
+from rev_det.modeling import build_detector, vit_trunk_args
 
 try:
     from detectron2.modeling import SimpleFeaturePyramid, ViT
@@ -80,6 +79,6 @@ def vitdet_detector(cfg, act_checkpoint: bool, size: int) -> Optional[nn.Module]
     if not HAS_VITDET:
         return None
     # The detector first, then the backbone: the order in which they draw their initial weights.
-    model = build_model(cfg)
+    model = build_detector(cfg)
     model.backbone = vitdet_backbone(cfg, act_checkpoint, size).to(model.device)
     return model

@@ -9,6 +9,7 @@ from .backbone import (
     set_backprop,
 )
 from .fpn import RecomputedFPN
+from .heads import build_detector, recompute_heads
 from .layers import LayerNorm2d, get_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
 from .rev_mvit import REVMVIT_SIZES, RevMViT
@@ -38,4 +39,6 @@ __all__ = [
     "backprop_args",
     "set_backprop",
     "vit_trunk_args",
+    "recompute_heads",
+    "build_detector",
 ]

@@ -7,8 +7,9 @@ from typing import Callable, List, Optional, Tuple
 
 import detectron2
 import torch
-from detectron2.modeling import build_model
 from torch import nn
+
+from rev_det.modeling import build_detector
 
 from ..detectors import (
     Detection,
@@ -114,7 +115,7 @@ def _run(args, results, det: Detection):
         cfg = det.cfg(backprop, pyramid)
         cfg.MODEL.REV.PARALLEL_BACKWARD = parallel
         label = backprop + (" (parallel)" if parallel else "")
-        runs.append(SpeedRun(label, pyramid, build_model(cfg).train(), args.amp))
+        runs.append(SpeedRun(label, pyramid, build_detector(cfg).train(), args.amp))
     # Filled in as measured, so that an interrupted run reports the batches it finished.
     rows = results["speed"] = []
     for batch in args.speed_batches:

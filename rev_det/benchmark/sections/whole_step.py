@@ -12,8 +12,8 @@ before, are added. On CUDA the allocator's peaks are absolute: ``max_memory_allo
 from typing import Callable, Dict, List, Tuple
 
 import torch
-from detectron2.modeling import build_model
 
+from rev_det.modeling import build_detector
 from rev_det.solver import build_optimizer
 from rev_det.utils import MemoryTracker, MiB
 
@@ -77,7 +77,7 @@ def _detectors(args, det: Detection) -> List[Tuple[str, Tuple[str, str], Callabl
     """(label, (backprop, pyramid) of the config, build model from cfg) of the detectors
     measured: rev_det's main runs, and Detectron2's ViTDet (autograd, activation checkpointing)
     on the same config where it is installed."""
-    runs = [(f"{b}/{p}", (b, p), build_model) for b, p in det.main_runs()]
+    runs = [(f"{b}/{p}", (b, p), build_detector) for b, p in det.main_runs()]
     if args.vitdet and HAS_VITDET and det.vit and not det.surrogate:
         for ckpt, label in ((False, "ViTDet"), (True, "ViTDet, act. ckpt")):
 
@@ -100,7 +100,11 @@ def _run(args, results, det: Detection):
             model = build(cfg).train()
             optimizer = build_optimizer(cfg, model)
             batch = synthetic_batch(
-                args.size, args.batch, cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.DEVICE
+                args.size,
+                args.batch,
+                cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                cfg.MODEL.DEVICE,
+                mask_format=cfg.INPUT.MASK_FORMAT,
             )
             forward = detection_forward(model, batch, args.amp)
             row: Dict[str, object] = dict(detector=label, step_in_backward=in_backward)
