@@ -219,6 +219,7 @@ def test_the_pyramid_table_builds_each_pair_and_names_the_valid_choices():
         ("single-scale", "reversible"): (vit, ReversibleFeaturePyramid),
         ("single-scale", "simple"): (vit, SimpleFeaturePyramid),
         ("single-scale, one-stream", "simple"): (vitdet, SimpleFeaturePyramid),
+        ("single-scale, one-stream", "reversible"): (vitdet, ReversibleFeaturePyramid),
         ("multi-scale", "reversible"): (mvit, RecomputedFPN),
         ("multi-scale", "fpn"): (mvit, FPN),
     }
