@@ -169,6 +169,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="detection section: measure the full step only, not the backbone alone as well "
         "(about half the time)",
     )
+    add(
+        "--whole-step-rounds",
+        type=int,
+        default=0,
+        help="whole_step section: also time this many paired rounds of an iteration stepping "
+        "after backward and one stepping inside it (both models held at once; default 0: "
+        "memory only)",
+    )
     add("--amp", action="store_true", help="bf16 autocast (default fp32)")
     add(
         "--device",

@@ -9,6 +9,7 @@ before, are added. On CUDA the allocator's peaks are absolute: ``max_memory_allo
 ``max_memory_reserved`` over the second iteration.
 """
 
+import statistics
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -18,7 +19,7 @@ from rev_det.solver import build_optimizer
 from rev_det.utils import MemoryTracker, MiB
 
 from ..detectors import Detection, detection_forward, synthetic_batch
-from ..measure import Row, param_mib
+from ..measure import Row, interleaved_times, paired_ratio, param_mib
 from ..report import markdown_section
 from ..vitdet import HAS_VITDET, vitdet_detector
 from .section import Section
@@ -26,11 +27,8 @@ from .section import Section
 __all__ = ["WHOLE_STEP", "whole_step_memory"]
 
 
-def whole_step_memory(model, optimizer, forward: Callable[[], torch.Tensor], device: str) -> dict:
-    """MiB of the second of two training iterations of ``model`` (see the module docstring):
-    ``optimizer_state``, ``whole_step_peak`` (parameters included), ``step_peak`` (the peak
-    less parameters and optimizer state: activations, temporaries and the gradients alive then)
-    and, on CUDA, ``whole_step_reserved``."""
+def training_iteration(optimizer, forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One iteration in Detectron2's order: forward, ``zero_grad``, backward, ``step``."""
 
     def iteration():
         loss = forward()
@@ -38,6 +36,16 @@ def whole_step_memory(model, optimizer, forward: Callable[[], torch.Tensor], dev
         loss.backward()
         del loss
         optimizer.step()
+
+    return iteration
+
+
+def whole_step_memory(model, optimizer, forward: Callable[[], torch.Tensor], device: str) -> dict:
+    """MiB of the second of two training iterations of ``model`` (see the module docstring):
+    ``optimizer_state``, ``whole_step_peak`` (parameters included), ``step_peak`` (the peak
+    less parameters and optimizer state: activations, temporaries and the gradients alive then)
+    and, on CUDA, ``whole_step_reserved``."""
+    iteration = training_iteration(optimizer, forward)
 
     def state_bytes():
         return sum(
@@ -91,6 +99,7 @@ def _detectors(args, det: Detection) -> List[Tuple[str, Tuple[str, str], Callabl
 def _run(args, results, det: Detection):
     rows = []
     for label, pair, build in _detectors(args, det):
+        iterations = []  # kept only to be timed
         for in_backward in (False, True):
             cfg = det.cfg(*pair).clone()
             cfg.SOLVER.OPTIMIZER = "ADAMW"
@@ -116,7 +125,14 @@ def _run(args, results, det: Detection):
                 flush=True,
             )
             rows.append(row)
+            if args.whole_step_rounds:
+                iterations.append(training_iteration(optimizer, forward))
             del model, optimizer, forward
+        if iterations:
+            after, inside = interleaved_times(iterations, args.whole_step_rounds, args.device)
+            rows[-2]["seconds"] = statistics.median(after)
+            rows[-1]["seconds"] = statistics.median(inside)
+            rows[-1]["time_vs_after"] = paired_ratio(inside, after)
     results["whole_step"] = rows
 
 
@@ -124,8 +140,6 @@ def _report(args, results) -> List[str]:
     rows = results["whole_step"]
     columns = ["detector", "step_in_backward", "params", "optimizer_state", "step_peak"]
     columns += ["whole_step_peak"]
-    if any("whole_step_reserved" in r for r in rows):
-        columns += ["whole_step_reserved"]
     notes = [
         "AdamW (layer-wise lr decay groups), the second of two iterations in Detectron2's order "
         "(forward, zero_grad, backward, step); params and optimizer_state are what the step "
@@ -133,6 +147,15 @@ def _report(args, results) -> List[str]:
         "temporaries and the gradients alive at the peak (all of them, as many MiB as the "
         "parameters, when the step follows backward; one parameter's at a time inside it)",
     ]
+    if any("whole_step_reserved" in r for r in rows):
+        columns += ["whole_step_reserved"]
+    if any("seconds" in r for r in rows):
+        columns += ["seconds", "time_vs_after"]
+        notes.append(
+            f"seconds: median of {args.whole_step_rounds} iterations timed in paired rounds (one "
+            "of each, then again); time_vs_after: the median over the rounds of the iteration's "
+            "time inside backward over the one after it"
+        )
     if not HAS_VITDET:
         notes.append("Detectron2's ViTDet rows need Detectron2 main (v0.6 has no ViTDet)")
     title = f"Whole training step at {args.size}x{args.size}, batch {args.batch}"
