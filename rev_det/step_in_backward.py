@@ -137,12 +137,23 @@ class StepInBackward:
             return None
         return type(self.optimizer).step(self.optimizer, closure)
 
-    def attach_ddp(self, model: nn.Module) -> None:
+    def attach_ddp(self, model: nn.Module, fp16_compression: bool = False) -> None:
         """Step after DDP's all-reduce of each bucket instead of at each local gradient.
 
-        Call it once ``model`` is wrapped in DistributedDataParallel, before training.
+        Call it once ``model`` is wrapped in DistributedDataParallel (with no communication
+        hook of its own: DDP takes one), before training.
+
+        Args:
+            model: the DistributedDataParallel model.
+            fp16_compression: all-reduce in float16 (Detectron2's ``train.ddp.fp16_compression``,
+                which registers the same compression as a hook of its own).
         """
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
+            allreduce_hook,
+            fp16_compress_hook,
+        )
+
+        reduce = fp16_compress_hook if fp16_compression else allreduce_hook
 
         def reduce_then_step(state, bucket):
             def step(future):
@@ -152,7 +163,7 @@ class StepInBackward:
                         self._step(p, grad)
                 return reduced
 
-            return allreduce_hook(state, bucket).then(step)
+            return reduce(state, bucket).then(step)
 
         model.register_comm_hook(None, reduce_then_step)
         self._ddp = True
@@ -185,11 +196,13 @@ def step_in_backward(
     return optimizer
 
 
-def attach_ddp(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+def attach_ddp(
+    optimizer: torch.optim.Optimizer, model: nn.Module, fp16_compression: bool = False
+) -> None:
     """If ``optimizer`` steps in backward and ``model`` is a DistributedDataParallel, step after
     its all-reduce (:meth:`StepInBackward.attach_ddp`); otherwise nothing."""
     from torch.nn.parallel import DistributedDataParallel
 
     owner = getattr(optimizer, "step_in_backward", None)
     if owner is not None and isinstance(model, DistributedDataParallel):
-        owner.attach_ddp(model)
+        owner.attach_ddp(model, fp16_compression)

@@ -397,8 +397,12 @@ def train_lazy(cfg, resume: bool = False) -> None:
         LAZY,
     )
 
-    model = check_ddp_model(create_ddp_model(model, **cfg.train.ddp))
-    attach_ddp(optimizer, model)
+    ddp = dict(cfg.train.ddp)
+    # DDP takes one communication hook: with the step inside backward, the one that steps
+    # after the all-reduce, compressing as train.ddp.fp16_compression says.
+    compress = bool(cfg.train.step_in_backward and ddp.pop("fp16_compression", False))
+    model = check_ddp_model(create_ddp_model(model, **ddp))
+    attach_ddp(optimizer, model, fp16_compression=compress)
     if cfg.train.amp.enabled:
         # v0.6's AMPTrainer needs CUDA and float16; this one autocasts on the model's device.
         trainer = RevAMPTrainer(model, train_loader, optimizer, precision=precision)

@@ -205,27 +205,44 @@ def stack_and_optimizer(in_backward):
     return stack, (step_in_backward(optimizer, stack) if in_backward else optimizer)
 
 
-def ddp_worker(rank, init_file, x, result_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    stack, optimizer = stack_and_optimizer(True)
+def ddp_run(rank, x, in_backward, fp16_compression):
+    """3 DDP steps of the stack; small buckets, so that there are several."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+
+    stack, optimizer = stack_and_optimizer(in_backward)
     model = DistributedDataParallel(stack, find_unused_parameters=False, bucket_cap_mb=0.001)
-    attach_ddp(optimizer, model)
+    if in_backward:
+        attach_ddp(optimizer, model, fp16_compression)
+    elif fp16_compression:
+        model.register_comm_hook(None, fp16_compress_hook)  # as Detectron2's create_ddp_model
     half = x.shape[1] // WORLD
     for step in range(3):
         optimizer.zero_grad()
         before = [p.detach().clone() for p in stack.parameters()]
         stack_loss(model, x[step, rank * half : (rank + 1) * half]).backward()
         # Stepped inside backward, after the all-reduce: every parameter moved already.
-        assert not any(torch.equal(p, b) for p, b in zip(stack.parameters(), before))
+        moved = [not torch.equal(p, b) for p, b in zip(stack.parameters(), before)]
+        assert all(moved) if in_backward else not any(moved)
         optimizer.step()
+    return {n: p.detach() for n, p in stack.named_parameters()}
+
+
+def ddp_worker(rank, init_file, x, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    results = {
+        "inside": ddp_run(rank, x, True, False),
+        "inside, fp16": ddp_run(rank, x, True, True),
+        "after, fp16": ddp_run(rank, x, False, True),
+    }
     if rank == 0:
-        torch.save({n: p.detach() for n, p in stack.named_parameters()}, result_file)
+        torch.save(results, result_file)
     dist.destroy_process_group()
 
 
 def test_ddp_steps_after_each_buckets_all_reduce_as_one_process_on_the_combined_batch(tmp_path):
-    """2 gloo processes stepping inside backward (after each bucket's all-reduce; small buckets,
-    so there are several) == one process stepping after backward on both halves."""
+    """2 gloo processes stepping inside backward (after each bucket's all-reduce) == one process
+    stepping after backward on both halves; with float16 compression of the all-reduce, the
+    same as DDP stepping after backward with that compression."""
     x = torch.randn(3, 4, 12, 16, dtype=torch.float64)
     single, optimizer = stack_and_optimizer(False)
     for step in range(3):
@@ -238,4 +255,5 @@ def test_ddp_steps_after_each_buckets_all_reduce_as_one_process_on_the_combined_
     for name, p in single.named_parameters():
         # float64: AdamW's first steps are about lr * sign(gradient), so float32 rounding of the
         # smallest gradient entries could flip them.
-        assert rel_err(ddp[name], p) < 1e-9, name
+        assert rel_err(ddp["inside"][name], p) < 1e-9, name
+        assert torch.equal(ddp["inside, fp16"][name], ddp["after, fp16"][name]), name
