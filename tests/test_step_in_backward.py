@@ -2,6 +2,8 @@
 parameters as stepping after backward, in every backprop mode and under DDP; gradients freed in
 backward; resume; and the combinations it refuses."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -257,3 +259,24 @@ def test_ddp_steps_after_each_buckets_all_reduce_as_one_process_on_the_combined_
         # smallest gradient entries could flip them.
         assert rel_err(ddp["inside"][name], p) < 1e-9, name
         assert torch.equal(ddp["inside, fp16"][name], ddp["after, fp16"][name]), name
+
+
+@pytest.mark.parametrize("size, gb", [("l", 8), ("h", 12)])
+def test_low_memory_recipes_step_inside_backward_and_recompute_the_heads(size, gb):
+    from detectron2.config import LazyConfig
+    from helpers import ROOT, yacs_cfg
+
+    from rev_det.modeling import build_detector
+
+    coco = os.path.join(ROOT, "configs", "COCO")
+    cfg = yacs_cfg(
+        os.path.join(coco, f"mask_rcnn_rev_vit_{size}_{gb}gb.yaml"), "MODEL.DEVICE", "meta"
+    )
+    assert cfg.SOLVER.AMP.PRECISION == "bfloat16"
+    model = build_detector(cfg)
+    assert type(model.roi_heads.box_head).__name__ == "RecomputedFastRCNNConvFCHead"
+    assert build_optimizer(cfg, model).step_in_backward is not None
+    lazy = LazyConfig.load(os.path.join(coco, f"mask_rcnn_rev_vit_{size}_100ep_{gb}gb.py"))
+    assert lazy.train.step_in_backward and lazy.train.recompute_heads
+    assert lazy.train.amp.precision == "bfloat16"
+    assert lazy.model.backbone.net.embed_dim == {"l": 1024, "h": 1280}[size]
