@@ -7,7 +7,10 @@
 #   2. tools/benchmark.py's speed section on the RevViT-B Mask R-CNN at 1024x1024, fp32 and bf16
 #      autocast: step time and peak torch.cuda.max_memory_allocated at batch 1, 2 and 4 for
 #      autograd, checkpoint, reversible and reversible with the parallel backward, and the
-#      largest batch each fits.
+#      largest batch each fits;
+#   3. its whole_step section on the RevViT-L Mask R-CNN at 1024x1024 (recomputed heads, fp32,
+#      batch 1): torch.cuda.max_memory_allocated and max_memory_reserved of a whole AdamW step,
+#      after backward and inside it, to hold beside the CPU tracker's (docs/whole_step.md).
 #
 # Each stage has its own time limit and the next one runs even if it fails, so that a partial
 # run still leaves its results; the exit status is that of the first stage that failed.
@@ -55,13 +58,16 @@ stage() {
 if [ "$DRY_RUN" = 1 ]; then
     DEVICE=(--device cpu)
     DETECTOR=(--size 128 --speed-batches 1 2 --repeats 1 --warmup 1)
-    DETECTOR+=(--opts MODEL.REVVIT.EMBED_DIM 96 MODEL.REVVIT.NUM_HEADS 3 MODEL.REVVIT.DEPTH 4
+    TINY=(MODEL.REVVIT.EMBED_DIM 96 MODEL.REVVIT.NUM_HEADS 3 MODEL.REVVIT.DEPTH 4
         MODEL.REVVIT.WINDOW_SIZE 4 "MODEL.REVVIT.WINDOW_BLOCK_INDEXES" "[0, 1, 2]"
         MODEL.FPN.OUT_CHANNELS 64 MODEL.ROI_BOX_HEAD.NUM_CONV 0 MODEL.ROI_MASK_HEAD.NUM_CONV 1
         MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 64)
+    DETECTOR+=(--opts "${TINY[@]}")
+    WHOLE=(--size 128 --opts "${TINY[@]}" MODEL.REV.RECOMPUTE_HEADS True)
 else
     DEVICE=(--device cuda)
     DETECTOR=(--size 1024 --speed-batches 1 2 4 --repeats 5 --warmup 2 --max-batch 128)
+    WHOLE=(--size 1024 --opts MODEL.REV.RECOMPUTE_HEADS True)
 fi
 
 stage environment 60 "$PYTHON" -c "
@@ -78,5 +84,7 @@ stage speed-fp32 240 "$PYTHON" tools/benchmark.py --backbone rev_vit_b --section
     "${DEVICE[@]}" --out "$OUT_DIR/fp32" "${DETECTOR[@]}"
 stage speed-bf16 180 "$PYTHON" tools/benchmark.py --backbone rev_vit_b --sections speed --amp \
     "${DEVICE[@]}" --out "$OUT_DIR/bf16" "${DETECTOR[@]}"
+stage whole-step 240 "$PYTHON" tools/benchmark.py --backbone rev_vit_l --sections whole_step \
+    --pairs reversible/reversible "${DEVICE[@]}" --out "$OUT_DIR/whole_step" "${WHOLE[@]}"
 echo "gpu_check: exit $STATUS; results in $OUT_DIR" | tee -a "$LOG"
 exit "$STATUS"
