@@ -108,6 +108,9 @@ def add_revdet_config(cfg: CN) -> CN:
     # AdamW with layer-wise lr decay (Detectron2 v0.6's yacs optimizer is SGD only); used by
     # rev_det.solver.build_optimizer when SOLVER.OPTIMIZER is "ADAMW".
     _c.SOLVER.OPTIMIZER = "SGD"
+    # Stop at the first step of an optimizer that is not SOLVER.OPTIMIZER (Detectron2's stock
+    # DefaultTrainer builds SGD whatever it says; rev_det.optimizer_guard).
+    _c.SOLVER.CHECK_OPTIMIZER = True
     _c.SOLVER.BETAS = (0.9, 0.999)
     _c.SOLVER.LR_DECAY_RATE = 1.0
     # Update each parameter inside backward, as soon as its gradient is complete, and free that

@@ -1,24 +1,22 @@
 """AdamW with layer-wise learning-rate decay for transformer trunks (the ViTDet/MViTv2 recipe).
 
-:func:`build_optimizer` is the yacs builder that honours ``SOLVER.OPTIMIZER``. Detectron2's
-stock ``DefaultTrainer`` builds SGD whatever that key says, so the backbones built from a yacs
-config call :func:`expect_optimizer`: the first step of any other optimizer over their
-parameters raises an error that names the fix.
+:func:`build_optimizer` is the yacs builder that honours ``SOLVER.OPTIMIZER`` (and
+``SOLVER.STEP_IN_BACKWARD``). Detectron2's stock ``DefaultTrainer`` builds SGD whatever that key
+says; :mod:`rev_det.optimizer_guard` (``expect_optimizer``, importable from here too) stops such
+a run at its first step.
 """
 
 import logging
 import re
-import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .config import check_choice
 from .modeling.layers import LayerNorm2d
+from .optimizer_guard import expect_optimizer
 from .step_in_backward import check_step_in_backward, step_in_backward
 
 __all__ = ["get_optimizer_params", "lr_decay_layer_id", "build_optimizer", "expect_optimizer"]
@@ -113,59 +111,3 @@ def _build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     )
     optimizer = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
     return optimizer(params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS))
-
-
-# SOLVER.OPTIMIZER -> the optimizer class that build_optimizer returns (or a subclass of it:
-# gradient clipping subclasses it).
-_OPTIMIZERS = {"SGD": torch.optim.SGD, "ADAMW": torch.optim.AdamW}
-# Modules whose config asked for an optimizer other than Detectron2's default (SGD), and the
-# optimizers already found right; weak, so that neither keeps a model or an optimizer alive.
-_EXPECTED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-_CHECKED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
-_hook_handle = None
-
-
-def expect_optimizer(module: nn.Module, name: str) -> nn.Module:
-    """Require ``module``'s parameters to be trained by the optimizer ``name``.
-
-    ``name`` is ``SOLVER.OPTIMIZER`` ("SGD" or "ADAMW"). For "ADAMW", the first ``step()`` of an
-    optimizer that updates parameters of ``module`` and is not an AdamW raises a RuntimeError
-    naming the fix: a Detectron2 trainer whose ``build_optimizer`` is not
-    :func:`build_optimizer` would otherwise train with SGD without a word. "SGD" is what
-    Detectron2 builds by default, so nothing is checked then. Each optimizer is checked once.
-
-    Args:
-        module: the module (a backbone built from a yacs config).
-        name: the configured optimizer, case-insensitive.
-
-    Returns:
-        ``module``.
-    """
-    global _hook_handle
-    name = check_choice("SOLVER.OPTIMIZER", name.upper(), tuple(_OPTIMIZERS))
-    if name == "SGD":
-        return module
-    _EXPECTED[module] = name
-    if _hook_handle is None:
-        _hook_handle = register_optimizer_step_pre_hook(_check_step)
-    return module
-
-
-def _check_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Global optimizer step pre-hook: raise if ``optimizer`` is not the one configured."""
-    if optimizer in _CHECKED:
-        return
-    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for module, name in list(_EXPECTED.items()):
-        if isinstance(optimizer, _OPTIMIZERS[name]):
-            continue
-        if any(id(p) in params for p in module.parameters()):
-            raise RuntimeError(
-                f"SOLVER.OPTIMIZER is {name!r}, but the model is being trained by "
-                f"{type(optimizer).__name__}: Detectron2's stock DefaultTrainer builds SGD "
-                "whatever SOLVER.OPTIMIZER says. Give your trainer rev_det's builder: "
-                "`@classmethod def build_optimizer(cls, cfg, model): return "
-                "rev_det.solver.build_optimizer(cfg, model)` (docs/projects.md, 'Detectron2 versions'); "
-                'or set SOLVER.OPTIMIZER "SGD" to train with SGD.'
-            )
-    _CHECKED.add(optimizer)

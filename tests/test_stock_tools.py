@@ -13,6 +13,7 @@ import detectron2
 import pytest
 import torch
 from detectron2.engine import DefaultTrainer
+from detectron2.modeling import build_model
 from detectron2.solver.build import maybe_add_gradient_clipping
 from helpers import ROOT, tiny_cfg
 from torch.optim import AdamW
@@ -140,3 +141,55 @@ def test_d2main_lazyconfig_train_net_trains_vitdet_config_with_rev_det_backbone(
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
     for task in ("bbox", "segm"):  # COCO evaluation of the validation split
         assert f"copypaste: Task: {task}" in log, log[-3000:]
+
+
+def test_optimizer_guard_accepts_wrappers_that_hold_adamw_and_has_an_opt_out(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from rev_det import optimizer_guard
+
+    model = torch.nn.Linear(3, 2)
+    expect_optimizer(model, "ADAMW")
+
+    def step(optimizer):
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+
+    class Lookahead(torch.optim.Optimizer):
+        """A wrapper in the usual style: an Optimizer holding the one that updates."""
+
+        def __init__(self, optimizer):
+            super().__init__([p for g in optimizer.param_groups for p in g["params"]], {})
+            self.optimizer = optimizer
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+    step(Lookahead(AdamW(model.parameters())))
+    with pytest.raises(RuntimeError, match="trained by Lookahead.*SOLVER.CHECK_OPTIMIZER False"):
+        step(Lookahead(torch.optim.SGD(model.parameters(), lr=0.1)))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        step(ZeroRedundancyOptimizer(model.parameters(), optimizer_class=AdamW))
+        with pytest.raises(RuntimeError, match="trained by ZeroRedundancyOptimizer"):
+            zero = ZeroRedundancyOptimizer(
+                model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1
+            )
+            step(zero)
+    finally:
+        dist.destroy_process_group()
+    # The guard imports nothing of rev_det's models.
+    assert "rev_det" not in " ".join(
+        line for line in open(optimizer_guard.__file__) if line.startswith(("import", "from"))
+    )
+
+
+def test_check_optimizer_false_builds_the_backbone_without_the_guard():
+    from rev_det import optimizer_guard
+
+    cfg = tiny_cfg("SOLVER.OPTIMIZER", "ADAMW", "SOLVER.CHECK_OPTIMIZER", False)
+    model = build_model(cfg)
+    assert model.backbone not in optimizer_guard._EXPECTED
+    cfg = tiny_cfg("SOLVER.OPTIMIZER", "ADAMW")
+    assert build_model(cfg).backbone in optimizer_guard._EXPECTED

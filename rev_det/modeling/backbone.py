@@ -8,8 +8,8 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from PIL import Image
 from torch import nn
 
+from ..optimizer_guard import expect_optimizer
 from ..reversible import BackpropModule, check_backprop
-from ..solver import expect_optimizer
 from .fpn import RecomputedFPN
 from .layers import resolve_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
@@ -172,7 +172,10 @@ def _build_backbone(trunk, cfg, input_shape: ShapeSpec) -> Backbone:
     """``trunk`` built by its ``from_config``, in the pyramid ``cfg`` names."""
     _check_input_format(cfg, input_shape.channels)
     net = trunk(**trunk.from_config(cfg, input_shape))
-    return expect_optimizer(build_pyramid(cfg, net), cfg.SOLVER.OPTIMIZER)
+    backbone = build_pyramid(cfg, net)
+    if cfg.SOLVER.CHECK_OPTIMIZER:
+        expect_optimizer(backbone, cfg.SOLVER.OPTIMIZER)
+    return backbone
 
 
 @BACKBONE_REGISTRY.register()
