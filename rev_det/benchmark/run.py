@@ -80,7 +80,8 @@ def write_report(args, results) -> str:
         f"- command: `{results['command']}`",
         f"- memory in MiB ({tracker}); peak = everything the step creates (activations, "
         "temporaries, parameter gradients); parameters are listed apart; optimizer state is not "
-        "included; stored = alive between forward and backward",
+        "included (except in the whole_step section); stored = alive between forward and "
+        "backward",
         f"- process peak RSS {results['max_rss_gib']:.1f} GiB; {results['seconds'] / 60:.0f} min",
         "",
     ]
