@@ -311,3 +311,25 @@ def test_whole_step_counts_adamw_state_and_the_step_in_backward_frees_the_gradie
     assert after["step_peak"] > after["params"]
     assert after["whole_step_peak"] - inside["whole_step_peak"] > 0.5 * after["params"]
     assert "| reversible/reversible | True |" in read(os.path.join(out, "results.md"))
+
+
+def test_breakdown_parts_add_up_to_what_the_step_keeps_and_recomputed_heads_keep_less(tmp_path):
+    def breakdown(*opts):
+        args = ["--backbone", "rev_vit_b", "--size", "128", "--sections", "breakdown"]
+        args += ["--out", str(tmp_path / str(len(opts))), "--opts", *TINY, *opts]
+        return cli.main(args)["breakdown"]
+
+    plain = breakdown()
+    kept = {r["part"]: r["kept"] for r in plain["rows"]}
+    assert list(kept) == ["trunk", "pyramid", "RPN", "box head", "mask head", "rest of the forward"]
+    assert sum(kept.values()) == pytest.approx(plain["stored"])
+    assert kept["trunk"] > 0 and all(kept[p] > 0 for p in ("pyramid", "RPN", "box head"))
+    assert plain["step_peak"] >= plain["forward_peak"] >= plain["stored"]
+    recomputed = breakdown("MODEL.REV.RECOMPUTE_HEADS", "True", "MODEL.ROI_BOX_HEAD.NUM_CONV", "2")
+    with_convs = breakdown("MODEL.ROI_BOX_HEAD.NUM_CONV", "2")
+    kept_r = {r["part"]: r["kept"] for r in recomputed["rows"]}
+    kept_c = {r["part"]: r["kept"] for r in with_convs["rows"]}
+    assert kept_r["trunk"] == pytest.approx(kept_c["trunk"])
+    assert kept_r["box head"] < 0.5 * kept_c["box head"]
+    assert kept_r["RPN"] < kept_c["RPN"]
+    assert recomputed["stored"] < with_convs["stored"]

@@ -4,6 +4,7 @@ module with its name, what it measures, how it measures and how it reports."""
 import textwrap
 from typing import Dict
 
+from .breakdown import BREAKDOWN
 from .classification import CLASSIFICATION
 from .depth import DEPTH
 from .detection import DETECTION, RESOLUTION
@@ -17,7 +18,7 @@ __all__ = ["SECTIONS", "Section", "describe_sections"]
 # sweeps' smaller runs come first and let the memory budget predict the larger ones, and a
 # detector measured by one section is not measured again by the next.
 SECTIONS: Dict[str, Section] = {
-    s.name: s for s in (DEPTH, RESOLUTION, DETECTION, WHOLE_STEP, CLASSIFICATION, SPEED)
+    s.name: s for s in (DEPTH, RESOLUTION, DETECTION, BREAKDOWN, WHOLE_STEP, CLASSIFICATION, SPEED)
 }
 
 
