@@ -230,6 +230,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         missing = sorted(set(incompatible.missing_keys) - set(reshaped))
         total = len(self.model.state_dict())
         loaded = total - len(missing) - len(reshaped)
+        # What a caller that needs the whole model (prediction) checks after a load.
+        self.missing_weights = [key for key in missing + reshaped if is_weight(key)]
         complete = not (missing or reshaped or incompatible.unexpected_keys)
         (self.logger.info if complete else self.logger.warning)(
             "Loaded %d of the model's %d weights from the checkpoint: %d missing, %d of another "
