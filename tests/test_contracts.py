@@ -71,7 +71,7 @@ def test_a_two_stream_trunk_fuses_its_streams_in_forward():
     class Halves(TwoStreamTrunk):
         def __init__(self):
             super().__init__()
-            self.backprop = "reversible"
+            self.blocks = ReversibleSequence([], "reversible")
             self._out_features = ["last_feat"]
             self._out_feature_channels = {"last_feat": 6}
             self._out_feature_strides = {"last_feat": 1}
@@ -83,6 +83,8 @@ def test_a_two_stream_trunk_fuses_its_streams_in_forward():
             return torch.cat([x1, x2], dim=1)
 
     trunk = Halves()
+    trunk.backprop = "checkpoint"  # the mode is the block sequence's
+    assert trunk.blocks.backprop == "checkpoint"
     x = torch.randn(1, 3, 4, 4)
     assert trunk.stream_channels == 3
     assert torch.equal(trunk(x)["last_feat"], torch.cat([x, -x], dim=1))

@@ -2,6 +2,7 @@
 
 from .backbone import (
     PYRAMIDS,
+    build_backbone,
     build_pyramid,
     build_rev_mvit_backbone,
     build_rev_vit_backbone,
@@ -33,6 +34,7 @@ __all__ = [
     "build_rev_vit_backbone",
     "build_rev_vitdet_backbone",
     "build_rev_mvit_backbone",
+    "build_backbone",
     "build_pyramid",
     "PYRAMIDS",
     "size_args",

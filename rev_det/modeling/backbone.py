@@ -19,6 +19,7 @@ from .rev_vitdet import RevViTDet
 from .trunk import TwoStreamTrunk
 
 __all__ = [
+    "build_backbone",
     "build_rev_vit_backbone",
     "build_rev_vitdet_backbone",
     "build_rev_mvit_backbone",
@@ -168,8 +169,23 @@ def set_backprop(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def _build_backbone(trunk, cfg, input_shape: ShapeSpec) -> Backbone:
-    """``trunk`` built by its ``from_config``, in the pyramid ``cfg`` names."""
+def build_backbone(trunk: type, cfg, input_shape: ShapeSpec) -> Backbone:
+    """The builder every rev_det backbone uses: a trunk in the pyramid ``cfg`` names.
+
+    Checks ``INPUT.FORMAT`` against the trunk's input channels, builds ``trunk`` from its
+    ``from_config(cfg, input_shape)``, wraps it in the pyramid ``MODEL.REV.PYRAMID`` names for
+    its kind (:func:`build_pyramid`), and registers the optimizer guard
+    (:mod:`rev_det.optimizer_guard`, unless ``SOLVER.CHECK_OPTIMIZER`` is off). A new trunk's
+    registered builder is one line: ``return build_backbone(MyTrunk, cfg, input_shape)``.
+
+    Args:
+        trunk: the trunk class (a :class:`TwoStreamTrunk`, or a multi-scale Backbone).
+        cfg: a Detectron2 config with rev_det's keys.
+        input_shape: the images' shape.
+
+    Returns:
+        Backbone: p2-p6.
+    """
     _check_input_format(cfg, input_shape.channels)
     net = trunk(**trunk.from_config(cfg, input_shape))
     backbone = build_pyramid(cfg, net)
@@ -181,7 +197,7 @@ def _build_backbone(trunk, cfg, input_shape: ShapeSpec) -> Backbone:
 @BACKBONE_REGISTRY.register()
 def build_rev_vit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """RevViT (:meth:`RevViT.from_config`) in the pyramid ``MODEL.REV.PYRAMID`` names: p2-p6."""
-    return _build_backbone(RevViT, cfg, input_shape)
+    return build_backbone(RevViT, cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
@@ -189,10 +205,10 @@ def build_rev_vitdet_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """RevViTDet (:meth:`RevViTDet.from_config`, ViTDet's ViT as a reversible surrogate) in
     ViTDet's simple feature pyramid (``MODEL.REV.PYRAMID "simple"``) or rev_det's reversible one
     (``"reversible"``): p2-p6."""
-    return _build_backbone(RevViTDet, cfg, input_shape)
+    return build_backbone(RevViTDet, cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
 def build_rev_mvit_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """RevMViT (:meth:`RevMViT.from_config`) in the FPN ``MODEL.REV.PYRAMID`` names: p2-p6."""
-    return _build_backbone(RevMViT, cfg, input_shape)
+    return build_backbone(RevMViT, cfg, input_shape)

@@ -476,15 +476,6 @@ class RevViT(TwoStreamTrunk, ViTTokens):
             **backprop_args(cfg),
         )
 
-    # The mode is the block sequence's: one value, however it is set.
-    @property
-    def backprop(self) -> str:
-        return self.blocks.backprop
-
-    @backprop.setter
-    def backprop(self, mode: str):
-        self.blocks.backprop = mode
-
     @property
     def size_divisibility(self) -> int:
         return self.patch_size

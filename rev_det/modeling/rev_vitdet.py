@@ -29,7 +29,7 @@ import torch
 from detectron2.layers import ShapeSpec
 from torch import nn
 
-from ..reversible import ReversibleSequence, ScaledCoupling
+from ..reversible import BackpropModule, ReversibleSequence, ScaledCoupling
 from .attention import init_vit_weights
 from .rev_vit import RevViTBlock, ViTTokens, check_vit_args, vit_blocks, vit_trunk_args
 from .trunk import TwoStreamTrunk
@@ -226,6 +226,10 @@ class RevViTDet(TwoStreamTrunk, ViTTokens):
         alpha, beta = torch.stack([alphas.max(), betas.min()]).tolist()  # one host sync
         max_alpha, min_beta = self.reversible_at
         return "reversible" if alpha <= max_alpha and beta >= min_beta else "checkpoint"
+
+    # The requested mode, stored here: the blocks run the mode the coefficients allow
+    # (running_backprop), set each training forward.
+    backprop = BackpropModule.backprop
 
     @property
     def stream_channels(self) -> int:

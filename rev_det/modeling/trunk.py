@@ -24,8 +24,18 @@ class TwoStreamTrunk(Backbone, BackpropModule):
     takes ``forward()``'s map. Subclasses implement :meth:`forward_streams` and :meth:`fuse`, and
     set ``_out_features`` (one name), ``_out_feature_channels`` (F: 2C for RevViT's concatenation;
     a trunk whose map is one stream, such as RevViTDet, overrides :attr:`stream_channels`) and
-    ``_out_feature_strides`` (t), and ``backprop``.
+    ``_out_feature_strides`` (t); their blocks run in ``self.blocks`` (a
+    :class:`~rev_det.reversible.ReversibleSequence`), which holds the backprop mode: the trunk's
+    ``backprop`` reads and sets that one value.
     """
+
+    @property
+    def backprop(self) -> str:
+        return self.blocks.backprop
+
+    @backprop.setter
+    def backprop(self, mode: str):
+        self.blocks.backprop = mode
 
     def forward_streams(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The two streams after the last block, each (B, C, H / t, W / t)."""
