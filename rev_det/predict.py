@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image

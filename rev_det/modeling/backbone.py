@@ -6,10 +6,9 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from PIL import Image
-from torch import nn
 
 from ..optimizer_guard import expect_optimizer
-from ..reversible import BackpropModule, check_backprop
+from ..reversible import set_backprop
 from .fpn import RecomputedFPN
 from .layers import resolve_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
@@ -83,8 +82,7 @@ def _fpn(cfg, net: Backbone) -> Backbone:
 
 
 def _recomputed_fpn(cfg, net: Backbone) -> Backbone:
-    backprop = check_backprop(cfg.MODEL.REV.BACKPROP, "MODEL.REV.BACKPROP")
-    return RecomputedFPN(net, backprop=backprop, **_fpn_args(cfg, net))
+    return RecomputedFPN(net, **_fpn_args(cfg, net))  # in its trunk's mode
 
 
 # The pyramid of each (trunk kind, MODEL.REV.PYRAMID): the one place that pairs them. A
@@ -155,18 +153,6 @@ def _check_input_format(cfg, channels: int):
             "(the length of MODEL.PIXEL_MEAN); set INPUT.FORMAT to 'RGB' (Detectron2 converts "
             f"RGBA and grayscale files to it) or give MODEL.PIXEL_MEAN/PIXEL_STD {bands} values."
         )
-
-
-def set_backprop(model: nn.Module, mode: str) -> nn.Module:
-    """Switch every reversible part of ``model`` (trunks and pyramids) to backprop ``mode``.
-
-    The parameters stay the same, so one model can be measured in all three modes.
-    """
-    check_backprop(mode)
-    for module in model.modules():
-        if isinstance(module, BackpropModule):
-            module.backprop = mode
-    return model
 
 
 def build_backbone(trunk: type, cfg, input_shape: ShapeSpec) -> Backbone:

@@ -1,13 +1,13 @@
 """Detectron2's FPN on a multi-scale reversible trunk, recomputed in backward instead of stored."""
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
 from detectron2.modeling.backbone.fpn import FPN
 
-from ..reversible import BackpropModule, run_recomputed
+from ..reversible import TrunkModeModule, run_recomputed
 
 __all__ = ["RecomputedFPN"]
 
@@ -26,7 +26,7 @@ class _GivenFeatures(Backbone):
         return self._shapes
 
 
-class RecomputedFPN(Backbone, BackpropModule):
+class RecomputedFPN(Backbone, TrunkModeModule):
     """A multi-scale trunk followed by Detectron2's FPN whose activations are not stored.
 
     ::
@@ -42,7 +42,8 @@ class RecomputedFPN(Backbone, BackpropModule):
     Args:
         net: the trunk, a Backbone with multi-scale outputs (e.g. RevMViT).
         in_features, out_channels, norm, top_block, fuse_type: as Detectron2's ``FPN``.
-        backprop: "reversible" or "checkpoint" (recompute the FPN) or "autograd" (store it).
+        backprop: "reversible" or "checkpoint" (recompute the FPN) or "autograd" (store it);
+            None follows ``net.backprop`` (as the reversible pyramid does).
     """
 
     def __init__(
@@ -53,7 +54,7 @@ class RecomputedFPN(Backbone, BackpropModule):
         norm="",
         top_block=None,
         fuse_type: str = "sum",
-        backprop: str = "reversible",
+        backprop: Optional[str] = None,
     ):
         super().__init__()
         self.net = net
@@ -65,7 +66,7 @@ class RecomputedFPN(Backbone, BackpropModule):
             top_block=top_block,
             fuse_type=fuse_type,
         )
-        self.backprop = backprop
+        self.backprop = backprop  # None follows the trunk's mode
 
     @property
     def size_divisibility(self) -> int:

@@ -20,7 +20,7 @@ from ..reversible import (
     BackpropModule,
     ReversibleBlock,
     SequenceOutput,
-    check_backprop,
+    TrunkModeModule,
     recomputed_branches,
     reversible_sequence,
     run_recomputed,
@@ -356,7 +356,7 @@ class _Level(nn.Module):
         )
 
 
-class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
+class ReversibleFeaturePyramid(_PyramidBase, TrunkModeModule):
     """A p2-p6 pyramid whose internal activations are rebuilt or recomputed in backward.
 
     ViTDet's simple pyramid with its 3x3 conv replaced by additive coupling blocks, on the
@@ -432,16 +432,7 @@ class ReversibleFeaturePyramid(_PyramidBase, BackpropModule):
         self.levels = nn.ModuleList(
             _Level(s, width, out_channels, num_blocks, norm) for s in scale_factors
         )
-        self._backprop = None if backprop is None else check_backprop(backprop)
-
-    # None follows the trunk's mode.
-    @property
-    def backprop(self) -> str:
-        return self._backprop or self.net.backprop
-
-    @backprop.setter
-    def backprop(self, mode: str):
-        self._backprop = check_backprop(mode)
+        self.backprop = backprop  # None follows the trunk's mode
 
     def _reduced(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         return self.reduce(self.net.fuse(x1, x2))

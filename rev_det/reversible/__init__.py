@@ -23,13 +23,22 @@ from .engine import (
     name_reversible_blocks,
     reversible_sequence,
 )
-from .modes import BACKPROP_MODES, BackpropModule, check_backprop, run_recomputed
+from .modes import (
+    BACKPROP_MODES,
+    BackpropModule,
+    TrunkModeModule,
+    check_backprop,
+    recomputes,
+    run_recomputed,
+    set_backprop,
+)
 
 __all__ = [
     "ADDITIVE",
     "BACKPROP_MODES",
     "Coupling",
     "BackpropModule",
+    "TrunkModeModule",
     "ReconstructionError",
     "ReversibleBlock",
     "ReversibleSequence",
@@ -44,5 +53,7 @@ __all__ = [
     "record_sequence_inputs",
     "recomputed_branches",
     "reversible_sequence",
+    "recomputes",
     "run_recomputed",
+    "set_backprop",
 ]

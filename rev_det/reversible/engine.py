@@ -64,7 +64,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
 
 from . import schedule
-from .modes import BackpropModule, check_backprop
+from .modes import BackpropModule, check_backprop, recomputes
 
 __all__ = [
     "ADDITIVE",
@@ -561,8 +561,8 @@ def reversible_sequence(
     """
     check_backprop(backprop)
     x1, x2 = _upcast(x1), _upcast(x2)
-    training = torch.is_grad_enabled() and any(b.training for b in blocks)
-    if backprop == "reversible" and training:
+    recompute = recomputes(backprop, any(b.training for b in blocks))
+    if recompute and backprop == "reversible":
         blocks = tuple(blocks)
         check_invertible(blocks)
         for observe in REBUILT_SEQUENCE_OBSERVERS:
@@ -571,7 +571,7 @@ def reversible_sequence(
         anchor = x1.new_empty(0).requires_grad_(bool(params))
         return _ReversibleFunction.apply(x1, x2, anchor, blocks, params, parallel_backward, output)
     for block in blocks:
-        if training and backprop == "checkpoint":
+        if recompute:  # "checkpoint"
             x1, x2 = checkpoint(block, x1, x2, use_reentrant=False)
         else:
             x1, x2 = block(x1, x2)

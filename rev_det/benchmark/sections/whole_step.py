@@ -19,7 +19,7 @@ from rev_det.solver import build_optimizer
 from rev_det.utils import MemoryTracker, MiB
 
 from ..detectors import Detection, detection_forward, synthetic_batch
-from ..measure import Row, interleaved_times, paired_ratio, param_mib
+from ..measure import interleaved_times, paired_ratio, param_mib
 from ..report import markdown_section
 from ..vitdet import HAS_VITDET, vitdet_detector
 from .section import Section
