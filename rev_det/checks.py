@@ -260,6 +260,9 @@ _LAZY_DEFAULTS = {
     "coupling": {"alpha": (1.0, 0.0), "beta": (0.0, 1.0), "ramp": (0.0, 0.1)},
     # The optimizer step inside backward (rev_det.step_in_backward; yacs: SOLVER.STEP_IN_BACKWARD).
     "step_in_backward": False,
+    # Your own COCO-format datasets, [[name, json_file, image_root], ...]
+    # (rev_det.data.register_coco_datasets; yacs: DATASETS.COCO_INSTANCES).
+    "coco_instances": [],
     # The heads recomputed in backward (rev_det.modeling.recompute_heads; MODEL.REV.RECOMPUTE_HEADS).
     "recompute_heads": False,
 }
@@ -267,7 +270,8 @@ _LAZY_DEFAULTS = {
 
 def complete_lazy_config(cfg) -> None:
     """Add the optional ``train.*`` keys rev_det reads (seed, strict_load,
-    check_reconstruction, coupling, step_in_backward, recompute_heads, amp.precision) with their defaults, so that overriding them is
+    check_reconstruction, coupling, step_in_backward, recompute_heads, coco_instances,
+    amp.precision) with their defaults, so that overriding them is
     overriding a known key and ``config.yaml`` records them."""
     for key, value in _LAZY_DEFAULTS.items():
         if key not in cfg.train:

@@ -105,6 +105,11 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REVMVIT.USE_REL_POS = True
     _c.MODEL.REVMVIT.OUT_FEATURES = ["scale2", "scale3", "scale4", "scale5"]
 
+    # Your own COCO-format datasets, registered by name before training or evaluation
+    # (rev_det.data.register_coco_datasets): [[name, json_file, image_root], ...]; then name them
+    # in DATASETS.TRAIN / TEST and set MODEL.ROI_HEADS.NUM_CLASSES to their category count.
+    _c.DATASETS.COCO_INSTANCES = []
+
     # AdamW with layer-wise lr decay (Detectron2 v0.6's yacs optimizer is SGD only); used by
     # rev_det.solver.build_optimizer when SOLVER.OPTIMIZER is "ADAMW".
     _c.SOLVER.OPTIMIZER = "SGD"

@@ -64,7 +64,12 @@ from .checks import (
     divergence_advice,
 )
 from .config import add_revdet_config
-from .data import ResumableTrainLoader, build_resumable_train_loader, prepare_datasets
+from .data import (
+    ResumableTrainLoader,
+    build_resumable_train_loader,
+    prepare_datasets,
+    register_coco_datasets,
+)
 from .modeling import build_detector, recompute_heads
 from .reversible import name_reversible_blocks
 from .reversible.ddp import check_ddp_model
@@ -213,6 +218,7 @@ def load_yacs_config(args, extra_config: Sequence[Callable[[CfgNode], None]] = (
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     check_yacs_config(cfg)
+    register_coco_datasets(cfg.DATASETS.COCO_INSTANCES, "DATASETS.COCO_INSTANCES")
     return cfg
 
 
@@ -344,6 +350,7 @@ def load_lazy_config(args):
     check_lazy_overrides(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     check_lazy_config(cfg)
+    register_coco_datasets(cfg.train.coco_instances, "train.coco_instances")
     return cfg
 
 

@@ -5,6 +5,7 @@ from typing import Iterable, List
 import numpy as np
 from detectron2.data import DatasetCatalog, DatasetMapper
 
+from .coco_json import register_coco_datasets
 from .samplers import ResumableBatchSampler, ResumableTrainLoader, build_resumable_train_loader
 from .shapes import (
     SHAPES_CATEGORIES,
@@ -30,6 +31,7 @@ __all__ = [
     "ensure_shapes_stream",
     "fixed_training_batch",
     "prepare_datasets",
+    "register_coco_datasets",
     "register_shapes_datasets",
 ]
 
