@@ -125,6 +125,14 @@ def _check_trunk(kind: str, get: Callable[[str], Any], name: Callable[[str], str
             f"{name('depth')} = {depth!r}: a {kind} trunk needs at least {minimum} block"
             f"{'s' if minimum > 1 else ''}; set it to the number of blocks (e.g. 12 for ViT-B)."
         )
+    embed_dim, num_heads = get("embed_dim"), get("num_heads")
+    if isinstance(embed_dim, int) and isinstance(num_heads, int) and num_heads > 0:
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"{name('embed_dim')} = {embed_dim} is not divisible by {name('num_heads')} = "
+                f"{num_heads}: each head takes embed_dim / num_heads channels; choose a width "
+                "that is a multiple of the heads (ViT-B: 768 and 12)."
+            )
     if kind == "RevViT":
         window, stride = get("window_size"), get("patch_size")
         indexes = list(get("window_block_indexes") or ())
@@ -231,6 +239,13 @@ def check_yacs_config(cfg) -> None:
         key = f"MODEL.{trunk.__name__.upper()}"
         name = lambda k: f"{key}.{k.upper()}"  # noqa: E731
         _check_trunk(trunk.__name__, _arg_getter(args, trunk), name, side, sizes)
+    if any(size <= 0 for size in cfg.INPUT.MIN_SIZE_TRAIN):
+        logger.warning(
+            "INPUT.MIN_SIZE_TRAIN = %s: a size of 0 turns resizing off for training (images "
+            "enter at their own size, and INPUT.MAX_SIZE_TRAIN does not apply); give the "
+            "shorter sides to train at, e.g. (640, 672, ..., 1024) as the COCO configs.",
+            tuple(cfg.INPUT.MIN_SIZE_TRAIN),
+        )
     check = cfg.MODEL.REV.CHECK_RECONSTRUCTION
     _check_common(YACS, check.PERIOD, check.THRESHOLD, cfg.SOLVER.BASE_LR)
     if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":

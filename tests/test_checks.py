@@ -565,3 +565,17 @@ def test_a_full_disk_while_saving_names_the_file_and_keeps_the_old_one(tmp_path)
     with pytest.raises(ValueError, match="^bad data$"):
         with atomic_open(str(path)):
             raise ValueError("bad data")
+
+
+def test_heads_that_do_not_divide_the_width_name_the_keys_of_both_config_systems():
+    with pytest.raises(ValueError, match=r"MODEL.REVVIT.EMBED_DIM = 100 is not divisible by "):
+        check_yacs_config(yacs_cfg(DEMO_YAML, "MODEL.REVVIT.EMBED_DIM", 100))
+    lazy = lazy_cfg(DEMO_LAZY, "model.backbone.net.embed_dim=100")
+    with pytest.raises(ValueError, match=r"model.backbone.net.embed_dim = 100 is not divisible"):
+        check_lazy_config(lazy)
+
+
+def test_min_size_train_zero_warns_that_resizing_is_off(caplog):
+    with caplog.at_level(logging.WARNING):
+        check_yacs_config(yacs_cfg(DEMO_YAML, "INPUT.MIN_SIZE_TRAIN", (0,)))
+    assert "INPUT.MIN_SIZE_TRAIN = (0,): a size of 0 turns resizing off" in caplog.text
