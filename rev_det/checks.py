@@ -239,6 +239,20 @@ def check_yacs_config(cfg) -> None:
         key = f"MODEL.{trunk.__name__.upper()}"
         name = lambda k: f"{key}.{k.upper()}"  # noqa: E731
         _check_trunk(trunk.__name__, _arg_getter(args, trunk), name, side, sizes)
+    if trunk is not None and (
+        cfg.INPUT.FORMAT == "BGR" or all(s == 1.0 for s in cfg.MODEL.PIXEL_STD)
+    ):
+        logger.warning(
+            "INPUT.FORMAT = %s, MODEL.PIXEL_MEAN = %s, MODEL.PIXEL_STD = %s: Detectron2's ResNet "
+            "(Caffe) input, but %s weights (ViT, MAE, MViTv2, rev_det's converters) expect RGB "
+            'normalised with ImageNet statistics. Set INPUT.FORMAT "RGB", MODEL.PIXEL_MEAN '
+            "[123.675, 116.28, 103.53], MODEL.PIXEL_STD [58.395, 57.12, 57.375] (as "
+            "configs/COCO/Base-Rev-MaskRCNN.yaml), unless your weights were trained otherwise.",
+            cfg.INPUT.FORMAT,
+            list(cfg.MODEL.PIXEL_MEAN),
+            list(cfg.MODEL.PIXEL_STD),
+            trunk.__name__,
+        )
     if any(size <= 0 for size in cfg.INPUT.MIN_SIZE_TRAIN):
         logger.warning(
             "INPUT.MIN_SIZE_TRAIN = %s: a size of 0 turns resizing off for training (images "

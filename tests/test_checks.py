@@ -579,3 +579,16 @@ def test_min_size_train_zero_warns_that_resizing_is_off(caplog):
     with caplog.at_level(logging.WARNING):
         check_yacs_config(yacs_cfg(DEMO_YAML, "INPUT.MIN_SIZE_TRAIN", (0,)))
     assert "INPUT.MIN_SIZE_TRAIN = (0,): a size of 0 turns resizing off" in caplog.text
+
+
+def test_resnet_caffe_input_with_a_vit_trunk_warns_naming_the_imagenet_settings(caplog):
+    stock = ("INPUT.FORMAT", "BGR", "MODEL.PIXEL_MEAN", [103.53, 116.28, 123.675])
+    stock += ("MODEL.PIXEL_STD", [1.0, 1.0, 1.0])
+    with caplog.at_level(logging.WARNING):
+        check_yacs_config(yacs_cfg(DEMO_YAML, *stock))
+    assert "Detectron2's ResNet (Caffe) input, but RevViT weights" in caplog.text
+    assert "MODEL.PIXEL_STD [58.395, 57.12, 57.375]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_yacs_config(yacs_cfg(DEMO_YAML))
+    assert "Caffe" not in caplog.text
