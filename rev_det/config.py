@@ -82,9 +82,11 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REVVIT.PRETRAIN_IMG_SIZE = 224
     _c.MODEL.REVVIT.PRETRAIN_USE_CLS_TOKEN = True
     # A convolutional stem before the patch projection (rev_det.modeling.PatchEmbed): channels of
-    # each 3x3 stride-2 convolution, [] for ViT's patch embedding; its norm ("BN", "GN", "LN"..).
+    # each 3x3 stride-2 convolution, [] for ViT's patch embedding; its norm ("FrozenBN", "GN",
+    # "BN", ...): "FrozenBN" by default, as fine-tuning uses it (training batch norm suits the
+    # large batches of pre-training, and keeps the stem from being recomputed in backward).
     _c.MODEL.REVVIT.STEM_CHANNELS = []
-    _c.MODEL.REVVIT.STEM_NORM = "BN"
+    _c.MODEL.REVVIT.STEM_NORM = "FrozenBN"
 
     _c.MODEL.REVMVIT = CN()
     # The trunk's size: a row of rev_det.modeling.REVMVIT_SIZES ("T", "S", "B", "L", MViTv2's),

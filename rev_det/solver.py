@@ -27,6 +27,8 @@ _NORMS = (nn.LayerNorm, LayerNorm2d, nn.GroupNorm, nn.modules.batchnorm._BatchNo
 # Position embeddings are a lookup table, not a linear map: decaying them only shrinks them.
 _NO_DECAY = re.compile(r"(^|\.)(pos_embed|rel_pos_h|rel_pos_w|rel_pos_t)$")
 _BLOCK = re.compile(r"(^|\.)blocks\.(\d+)\.")
+_STEM = re.compile(r"(^|\.)patch_embed\.stem\.")
+_EMBEDDING = re.compile(r"(^|\.)patch_embed\.")
 
 
 def lr_decay_layer_id(name: str, num_layers: int) -> int:
@@ -62,13 +64,20 @@ def get_optimizer_params(
         num_layers: number of trunk blocks; inferred from the largest ``blocks.{i}`` if None.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # A convolutional stem is not in ViT / MAE weights: it and the projection after it (of
+    # another kernel size than ViT's) start from their initialisation, and take the full lr
+    # rather than layer 0's decayed one.
+    fresh_embedding = any(_STEM.search(n) for n, _ in named)
     if num_layers is None:
         ids = [int(m.group(2)) for n, _ in named for m in [_BLOCK.search(n)] if m]
         num_layers = max(ids) + 1 if ids else 0
     norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters()}
     groups = []
     for name, p in named:
-        scale = lr_decay_rate ** (num_layers + 1 - lr_decay_layer_id(name, num_layers))
+        layer = lr_decay_layer_id(name, num_layers)
+        if fresh_embedding and _EMBEDDING.search(name):
+            layer = num_layers + 1
+        scale = lr_decay_rate ** (num_layers + 1 - layer)
         if id(p) in norm_params:
             decay = weight_decay_norm
         elif _NO_DECAY.search(name):

@@ -194,3 +194,20 @@ def test_every_lazy_config_trains_with_the_resumable_loader(path):
     cfg = LazyConfig.load(path)
     assert cfg.dataloader.train._target_ is build_resumable_train_loader
     assert cfg.dataloader.train.mapper.image_format == "RGB"
+
+
+def test_a_new_stem_and_its_projection_take_the_full_lr_not_layer_zeros():
+    from helpers import tiny_rev_vit
+
+    def lr_of(net, prefix):
+        groups = get_optimizer_params(net, base_lr=1.0, lr_decay_rate=0.5)
+        ids = {id(p) for n, p in net.named_parameters() if n.startswith(prefix)}
+        lrs = {g["lr"] for g in groups for p in g["params"] if id(p) in ids}
+        assert len(lrs) == 1, lrs
+        return lrs.pop()
+
+    plain, stem = tiny_rev_vit(depth=4), tiny_rev_vit(depth=4, stem_channels=(8, 16))
+    assert lr_of(plain, "patch_embed.proj") == 0.5**5  # layer 0 of 4 blocks: ViT's own weights
+    assert lr_of(stem, "patch_embed.stem.0") == 1.0  # not in ViT / MAE weights: trained afresh
+    assert lr_of(stem, "patch_embed.proj") == 1.0
+    assert lr_of(stem, "blocks.0.") == 0.5**4

@@ -134,11 +134,42 @@ def test_conv_stem_keeps_the_token_grid_and_plain_checkpoints():
     ]
     # Three stride-2 convolutions leave stride 2 to the projection.
     assert stem.patch_embed.proj.kernel_size == (2, 2)
-    assert isinstance(stem.patch_embed.stem[1], nn.BatchNorm2d)
+    assert type(stem.patch_embed.stem[1]).__name__ == "FrozenBatchNorm2d"  # the default
     x = torch.randn(2, 3, 64, 96)
     assert stem(x)["last_feat"].shape == plain(x)["last_feat"].shape == (2, 64, 4, 6)
     with pytest.raises(ValueError, match=r"does not divide the patch size 16; use at most 4"):
         tiny_rev_vit(stem_channels=(4, 4, 4, 4, 4))
+
+
+def test_a_stem_without_training_batch_norm_is_recomputed_with_the_trunk():
+    """Its maps are not kept for backward (the gradients stay autograd's); a training batch norm
+    keeps it stored (recomputing would update the statistics twice)."""
+    from rev_det.utils.memory import MemoryTracker
+
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+
+    def step(net, mode):
+        net.blocks.backprop = mode
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same drop-path masks in both modes
+        with MemoryTracker() as mem:
+            y = net(x)["last_feat"]
+            stored = mem.current
+            (y * y).sum().backward()
+        return stored, [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+    stored = {}
+    for norm, recomputed in (("FrozenBN", True), ("GN", True), ("BN", False)):
+        torch.manual_seed(0)
+        net = tiny_rev_vit(stem_channels=(32, 32, 32), stem_norm=norm).double().train()
+        assert net.patch_embed.recomputable() == recomputed, norm
+        stored[norm], grads = step(net, "reversible")
+        _, grads_autograd = step(net, "autograd")
+        for a, b in zip(grads, grads_autograd):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), norm
+    # The stem's first map alone (32 x 32 x 48 doubles) is 0.56 MiB; the stored stem keeps it.
+    assert stored["FrozenBN"] < stored["BN"] - 2**19
+    assert stored["GN"] < stored["BN"] - 2**19
 
 
 @pytest.mark.parametrize("backprop", ["autograd", "reversible"])

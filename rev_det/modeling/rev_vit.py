@@ -9,7 +9,7 @@ from detectron2.layers import ShapeSpec
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from ..reversible import ReversibleBlock, ReversibleSequence
+from ..reversible import ReversibleBlock, ReversibleSequence, run_recomputed
 from .attention import (
     Mlp,
     attention_with_rel_pos,
@@ -100,8 +100,9 @@ class PatchEmbed(nn.Module):
     ``stem_channels`` a convolutional stem comes first ("Early convolutions help transformers
     see better", Xiao et al., NeurIPS 2021): one 3x3 convolution of stride 2 + norm + ReLU per
     entry, then ``proj`` with the stride left over (1x1 when the stem reaches stride p). A
-    ViT trained from scratch on little data learns much faster with it; its activations are
-    stored as in any autograd module (the stem is not part of the reversible blocks).
+    ViT trained from scratch on little data learns much faster with it. When its trunk
+    recomputes (a mode other than autograd) the stem is recomputed in backward too, unless a
+    batch norm of it trains ("FrozenBN", the default, and "GN" do not).
 
     Args:
         patch_size: the stride p of the tokens.
@@ -117,7 +118,7 @@ class PatchEmbed(nn.Module):
         in_chans: int = 3,
         embed_dim: int = 768,
         stem_channels: Sequence[int] = (),
-        stem_norm: str = "BN",
+        stem_norm: str = "FrozenBN",
     ):
         super().__init__()
         stride = 2 ** len(stem_channels)
@@ -139,6 +140,14 @@ class PatchEmbed(nn.Module):
         c_in = stem_channels[-1] if stem_channels else in_chans
         k = patch_size // stride
         self.proj = nn.Conv2d(c_in, embed_dim, kernel_size=k, stride=k)
+
+    def recomputable(self) -> bool:
+        """Whether recomputing it in backward is worth it and exact: it has a stem (a plain
+        embedding keeps nothing but its input) and no batch norm of the stem is training."""
+        training_bn = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.stem
+        )
+        return len(self.stem) > 0 and not training_bn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return tokens_from_map(self.proj(self.stem(x)))
@@ -313,7 +322,10 @@ class ViTTokens:
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> dense tokens (B, H / p, W / p, D) with their positions."""
         check_image(x, self.in_chans, self.patch_size, type(self).__name__, "the patch size ")
-        x = self.patch_embed(x)
+        # A convolutional stem's maps are recomputed in backward with the trunk, unless a batch
+        # norm in it trains (recomputing would update its statistics twice).
+        recompute = self.recomputes() and self.patch_embed.recomputable()
+        x = run_recomputed(recompute, self.patch_embed, x)
         if self.pos_embed is not None:
             x = x + resize_abs_pos(self.pos_embed, self.pretrain_use_cls_token, x.shape[1:3])
         return x
@@ -412,7 +424,7 @@ class RevViT(TwoStreamTrunk, ViTTokens):
         pretrain_img_size: int = 224,
         pretrain_use_cls_token: bool = True,
         stem_channels: Sequence[int] = (),
-        stem_norm: str = "BN",
+        stem_norm: str = "FrozenBN",
         backprop: str = "reversible",
         parallel_backward: bool = False,
         out_feature: str = "last_feat",

@@ -129,7 +129,7 @@ class RevViTDet(TwoStreamTrunk, ViTTokens):
         pretrain_img_size: int = 224,
         pretrain_use_cls_token: bool = True,
         stem_channels: Sequence[int] = (),
-        stem_norm: str = "BN",
+        stem_norm: str = "FrozenBN",
         alpha: float = 1.0,
         beta: float = 0.0,
         reversible_at: Tuple[float, float] = REVERSIBLE_AT,
