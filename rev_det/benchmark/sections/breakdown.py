@@ -3,9 +3,12 @@
 One training step of the ``--backbone`` detector (its main reversible run), on the exact CPU
 tracker, with forward hooks on its parts::
 
-    trunk (backbone.net) -> pyramid (backbone) -> RPN (proposal_generator)
+    trunk + pyramid (backbone) -> RPN (proposal_generator)
         -> box head (roi_heads.box_pooler, box_head, box_predictor)
         -> mask head (roi_heads.mask_pooler, mask_head)
+
+The trunk and the pyramid are one part: a reversible pyramid runs the trunk's fusion inside its
+own recomputed unit, so what either keeps cannot be told apart by their forwards.
 
 Per part: what it keeps till backward (the tracked bytes alive after its forward less those
 before it: its output and what autograd saved) and its transient peak (the most bytes alive
@@ -27,12 +30,9 @@ from .section import Section
 
 __all__ = ["BREAKDOWN"]
 
-# Part -> the modules whose forwards it is (names in GeneralizedRCNN). The trunk is its
-# children (patch embedding, blocks, ...): a reversible pyramid calls the trunk's
-# forward_streams, not its forward.
+# Part -> the modules whose forwards it is (names in GeneralizedRCNN).
 PARTS = {
-    "trunk": [],
-    "pyramid": ["backbone"],  # less the trunk inside it
+    "trunk + pyramid": ["backbone"],
     "RPN": ["proposal_generator"],
     "box head": ["roi_heads.box_pooler", "roi_heads.box_head", "roi_heads.box_predictor"],
     "mask head": ["roi_heads.mask_pooler", "roi_heads.mask_head"],
@@ -45,10 +45,9 @@ def _breakdown(model, forward) -> Dict[str, object]:
     transient: Dict[str, float] = {part: 0.0 for part in PARTS}
     stack = []
     modules = dict(model.named_modules())
-    trunk = [f"backbone.net.{name}" for name, _ in model.backbone.net.named_children()]
     handles = []
     for part, names in PARTS.items():
-        for name in trunk if part == "trunk" else names:
+        for name in names:
 
             def pre(module, args, part=part):
                 stack.append((mem.current, mem.peak))
@@ -58,8 +57,6 @@ def _breakdown(model, forward) -> Dict[str, object]:
                 before, outer_peak = stack.pop()
                 kept[part] += (mem.current - before) / MiB
                 transient[part] = max(transient[part], (mem.peak - before) / MiB)
-                if part == "trunk":
-                    kept["pyramid"] -= (mem.current - before) / MiB
                 mem.peak = max(outer_peak, mem.peak)
 
             module = modules[name]
@@ -128,7 +125,7 @@ def _report(args, results) -> List[str]:
 
 BREAKDOWN = Section(
     name="breakdown",
-    what="Where the reversible detector's step memory goes: per part (trunk, pyramid, RPN, box "
+    what="Where the reversible detector's step memory goes: per part (trunk + pyramid, RPN, box "
     "head, mask head) what it keeps till backward and its transient peak, exact CPU tracker.",
     run=_run,
     report=_report,
