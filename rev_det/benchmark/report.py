@@ -40,6 +40,8 @@ def _cell(row: Row, column: str) -> str:
         return f"{value:.2f}x" + (" (predicted)" if row["vs_predicted"] else "")
     if column in ("vs_first", "vs_vitdet_ckpt"):
         return f"{value:.2f}x"
+    if column == "time_vs_after":
+        return f"{value:.3f}x"
     if column == "step_s":
         return f"{value:.3f}"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
