@@ -254,8 +254,9 @@ def table(runs: List[dict], variants: List[Variant]) -> str:
         )
     lines.append("")
     lines.append(
-        "AP per seed: mean ± sample standard deviation (with two seeds: mean (spread)). test: {SHAPES_TEST_DATASET} (600 images); val: "
-        "revdet_shapes_val (100 images, the demo's evaluation)."
+        "AP per seed: mean ± sample standard deviation (with two seeds: mean (spread)). "
+        f"test: {SHAPES_TEST_DATASET} (600 images); val: revdet_shapes_val (100 images, the "
+        "demo's evaluation)."
     )
     return "\n".join(lines)
 
