@@ -26,6 +26,7 @@ from torch import nn
 from rev_det.benchmark import interleaved_times, vitdet_pyramid
 from rev_det.benchmark.measure import paired_ratio
 from rev_det.modeling import ReversibleFeaturePyramid, SimpleFeaturePyramid, TwoStreamTrunk
+from rev_det.reversible import ReversibleSequence
 from rev_det.utils import MemoryTracker, MiB
 
 SIMPLE = "SimpleFeaturePyramid (autograd)"
@@ -38,7 +39,8 @@ class FixedStreams(TwoStreamTrunk):
 
     def __init__(self, x1, x2, backprop):
         super().__init__()
-        self.x1, self.x2, self.backprop = x1, x2, backprop
+        self.blocks = ReversibleSequence([], backprop)  # no blocks: it holds the trunk's mode
+        self.x1, self.x2 = x1, x2
         self.norm = nn.LayerNorm(2 * x1.shape[1])
         self._out_features = ["last_feat"]
         self._out_feature_channels = {"last_feat": 2 * x1.shape[1]}
