@@ -19,7 +19,7 @@ import random
 import re
 import urllib.parse
 import uuid
-from typing import IO, Any, Dict, Iterator, Optional, Tuple
+from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +39,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def listed_keys(keys: List[str], limit: int) -> str:
+    """The first ``limit`` of ``keys`` for an error message, "..." if there are more."""
+    return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
 
 
 def is_weight(key: str) -> bool:
@@ -251,7 +256,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 if key.startswith(required or _BACKBONE_PREFIX) and is_weight(key)
             ]
             if absent:
-                listed = ", ".join(absent[:10]) + (", ..." if len(absent) > 10 else "")
+                listed = listed_keys(absent, 10)
                 raise RuntimeError(
                     f"Strict load: the checkpoint lacks {len(absent)} backbone weights, or has "
                     f"them in another shape: {listed}. If it is a pretrained trunk in another "

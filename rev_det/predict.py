@@ -36,7 +36,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
-from .checkpoint import AtomicCheckpointer
+from .checkpoint import AtomicCheckpointer, listed_keys
 from .trainer import Trainer, load_lazy_config, load_yacs_config
 
 __all__ = ["Predictor", "collect_inputs", "main"]
@@ -125,10 +125,9 @@ class Predictor:
         checkpointer.load(weights)
         missing = checkpointer.missing_weights
         if missing:
-            listed = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
             raise ValueError(
                 f"{key} = {weights} lacks {len(missing)} of this model's weights, or has them in "
-                f"another shape ({listed}): it is not a checkpoint of this config's model. Give "
+                f"another shape ({listed_keys(missing, 5)}): it is not a checkpoint of this config's model. Give "
                 "the model_final.pth (or model_*.pth) trained with this config."
             )
 

@@ -140,6 +140,12 @@ def synthetic_batch(
     return out
 
 
+def config_batch(cfg, size: int, batch: int, objects: int = 3) -> List[dict]:
+    """:func:`synthetic_batch` for the detector of ``cfg``: its classes, device and mask format."""
+    num_classes, device = cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.DEVICE
+    return synthetic_batch(size, batch, num_classes, device, objects, cfg.INPUT.MASK_FORMAT)
+
+
 def saturating_objects(cfg) -> int:
     """Objects per image that make every detector's ROI heads sample the most foreground
     proposals they can (``BATCH_SIZE_PER_IMAGE * POSITIVE_FRACTION``; see
@@ -271,13 +277,7 @@ class Detection:
         cfg = self.cfg(backprop, pyramid, depth if depth != self.depth else None)
         torch.manual_seed(0)
         model = build_detector(cfg).train()
-        data = synthetic_batch(
-            size,
-            self.args.batch,
-            cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-            cfg.MODEL.DEVICE,
-            mask_format=cfg.INPUT.MASK_FORMAT,
-        )
+        data = config_batch(cfg, size, self.args.batch)
         what = f"{backprop}/{pyramid} at {size}, depth {depth}"
         if row is None:
             row = dict(backprop=backprop, pyramid=pyramid, size=size, depth=depth)

@@ -24,7 +24,7 @@ import torch
 from rev_det.modeling import build_detector
 from rev_det.utils import MemoryTracker, MiB
 
-from ..detectors import Detection, detection_forward, synthetic_batch
+from ..detectors import Detection, config_batch, detection_forward
 from ..report import markdown_section
 from .section import Section
 
@@ -84,13 +84,7 @@ def _run(args, results, det: Detection):
     cfg = det.cfg(backprop, pyramid)
     torch.manual_seed(0)
     model = build_detector(cfg).train()
-    batch = synthetic_batch(
-        args.size,
-        args.batch,
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-        cfg.MODEL.DEVICE,
-        mask_format=cfg.INPUT.MASK_FORMAT,
-    )
+    batch = config_batch(cfg, args.size, args.batch)
     found = _breakdown(model, detection_forward(model, batch, args.amp))
     rows: List[Dict[str, object]] = [
         dict(part=part, kept=found["kept"][part], transient=found["transient"][part])

@@ -18,7 +18,7 @@ from rev_det.modeling import build_detector
 from rev_det.solver import build_optimizer
 from rev_det.utils import MemoryTracker, MiB
 
-from ..detectors import Detection, detection_forward, synthetic_batch
+from ..detectors import Detection, config_batch, detection_forward
 from ..measure import interleaved_times, paired_ratio, param_mib
 from ..report import markdown_section
 from ..vitdet import HAS_VITDET, vitdet_detector
@@ -108,13 +108,7 @@ def _run(args, results, det: Detection):
             torch.manual_seed(0)
             model = build(cfg).train()
             optimizer = build_optimizer(cfg, model)
-            batch = synthetic_batch(
-                args.size,
-                args.batch,
-                cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-                cfg.MODEL.DEVICE,
-                mask_format=cfg.INPUT.MASK_FORMAT,
-            )
+            batch = config_batch(cfg, args.size, args.batch)
             forward = detection_forward(model, batch, args.amp)
             row: Dict[str, object] = dict(detector=label, step_in_backward=in_backward)
             row["params"] = param_mib(model)
