@@ -89,14 +89,18 @@ def add_revdet_config(cfg: CN) -> CN:
     _c.MODEL.REVVIT.STEM_NORM = "FrozenBN"
 
     _c.MODEL.REVMVIT = CN()
-    # The trunk's size: a row of rev_det.modeling.REVMVIT_SIZES ("T", "S", "B", "L", MViTv2's),
-    # with the same rule for the size keys below as MODEL.REVVIT.SIZE.
+    # The trunk's size: a row of rev_det.modeling.REVMVIT_SIZES ("T", "S", "B", "L", MViTv2's;
+    # "paper_b", the paper's Rev-MViT-B), with the same rule for the size keys below as
+    # MODEL.REVVIT.SIZE.
     _c.MODEL.REVMVIT.SIZE = "T"
     _c.MODEL.REVMVIT.EMBED_DIM = None
     _c.MODEL.REVMVIT.DEPTH = None
     _c.MODEL.REVMVIT.NUM_HEADS = None
     _c.MODEL.REVMVIT.LAST_BLOCK_INDEXES = None
     _c.MODEL.REVMVIT.DROP_PATH_RATE = None
+    # "mvitv2" (Detectron2's MViTv2 made reversible) or "paper" (the paper's released Rev-MViT);
+    # rev_det.modeling.rev_mvit's docstring says what differs.
+    _c.MODEL.REVMVIT.LAYOUT = None
     _c.MODEL.REVMVIT.IMG_SIZE = 224  # the relative position tables' size (MViTv2 ImageNet)
     _c.MODEL.REVMVIT.MLP_RATIO = 4.0
     _c.MODEL.REVMVIT.QKV_BIAS = True

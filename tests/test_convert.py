@@ -325,12 +325,52 @@ def pyslowfast_attention(x, hw, w, p, heads, stride_q, stride_kv):
     position, no residual pooling) on (B, N, C)."""
     b, n, _ = x.shape
     q, k, v = (lin(x, w, p + f"attn.{n_}").reshape(b, n, heads, -1).transpose(1, 2) for n_ in "qkv")
-    q, q_hw = pooled(q, hw, w[p + "attn.pool_q.weight"], stride_q, w, p + "attn.norm_q")
+    q_hw = hw
+    if p + "attn.pool_q.weight" in w:  # Rev-MViT pools queries in its transitions only
+        q, q_hw = pooled(q, hw, w[p + "attn.pool_q.weight"], stride_q, w, p + "attn.norm_q")
     k, _ = pooled(k, hw, w[p + "attn.pool_k.weight"], stride_kv, w, p + "attn.norm_k")
     v, _ = pooled(v, hw, w[p + "attn.pool_v.weight"], stride_kv, w, p + "attn.norm_v")
     out = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
     out = out.transpose(1, 2).reshape(b, -1, heads * q.shape[-1])
     return lin(out, w, p + "attn.proj"), q_hw
+
+
+def pyslowfast_revmvit_forward(image, w, depth, transitions, heads, kv_stride):
+    """PySlowFast's MViT with MVIT.REV.ENABLE, eval mode, REV_MVIT_B_16_CONV's rules, written
+    from its module structure: patch embedding (7x7, stride 4) + pos_embed; reversible stacks
+    (both halves the stack's input, ``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)``, output
+    ``[Y1, Y2]``); stage transitions (BUFFER_LAYERS) on the concatenation: ``pre_q_fuse``
+    (x + MLP), skip = x pooled per head by ``F.attn.pool_q`` + ``norm_q`` (RES_PATH conv),
+    ``x = skip + F(x)``, ``x = x + G(x)``; heads doubled and the key/value stride halved at each
+    transition (POOL_KV_STRIDE_ADAPTIVE); ``norm`` over the final concatenation. Returns the
+    final normalised tokens (B, N, 2C)."""
+    x = F.conv2d(image, w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], 4, 3)
+    hw = tuple(x.shape[-2:])
+    x = tokens(x) + w["pos_embed"]
+    streams = None
+    for i in range(depth):
+        p = f"rev_backbone.layers.{i}."
+        if i in transitions:
+            heads, kv_stride = 2 * heads, max(kv_stride // 2, 1)
+            x = torch.cat(streams, dim=-1)
+            x = x + mlp(x, w, p + "pre_q_fuse.fuse_fn.fc1", p + "pre_q_fuse.fuse_fn.fc2")
+            b, n, c = x.shape
+            split = x.reshape(b, n, heads, c // heads).transpose(1, 2)
+            skip, _ = pooled(split, hw, w[p + "F.attn.pool_q.weight"], 2, w, p + "F.attn.norm_q")
+            skip = skip.transpose(1, 2).reshape(b, -1, c)
+            out, hw = pyslowfast_attention(
+                ln(x, w, p + "F.norm"), hw, w, p + "F.", heads, 2, kv_stride
+            )
+            x = skip + out
+            x = x + mlp(ln(x, w, p + "G.norm"), w, p + "G.mlp.fc1", p + "G.mlp.fc2")
+            streams = None
+            continue
+        x1, x2 = streams if streams is not None else (x, x)
+        out, _ = pyslowfast_attention(ln(x2, w, p + "F.norm"), hw, w, p + "F.", heads, 1, kv_stride)
+        y1 = x1 + out
+        y2 = x2 + mlp(ln(y1, w, p + "G.norm"), w, p + "G.mlp.fc1", p + "G.mlp.fc2")
+        streams = (y1, y2)
+    return ln(torch.cat(streams, dim=-1), w, "norm")
 
 
 def mvitv2_attention(x, hw, w, p, heads, stride_q, stride_kv):
@@ -510,13 +550,52 @@ def small_rev_mvit(**kwargs):
     return RevMViT(**args).eval()
 
 
-def test_pyslowfast_revmvit_transitions_and_mlps_match():
+def paper_rev_mvit(**kwargs):
+    """A small RevMViT in the paper layout, configured as the official Rev-MViT."""
+    args = dict(layout="paper", use_abs_pos=True, use_rel_pos=False, residual_pooling=False)
+    return small_rev_mvit(pretrain_img_size=32, **args, **kwargs)
+
+
+def test_pyslowfast_revmvit_is_the_official_function_in_the_paper_layout():
+    """Every official weight has a place, and the converted trunk's scale5 is the official
+    model's final normalised map (float64), with the official key/value strides (2, then 1
+    after the first transition: the official rule, not the target's strides)."""
+    # Every transition followed by a reversible block, as in the official model (whose code
+    # cannot chain two transitions).
+    transitions, depth = (1, 3, 5), 7
+    w = pyslowfast_revmvit(dim=8, heads=1, depth=depth, transitions=transitions, grid=8)
+    target = paper_rev_mvit(depth=depth, last_block_indexes=(0, 2, 4, 6))
+    conversion = convert_pyslowfast_revmvit(w, target)
+    assert conversion.partial_groups == [] and not conversion.differences
+    assert set(conversion.dropped) == set()
+    assert set(conversion.missing.values()) == {"output_norms"}  # scale2..4: added outputs
+    assert {k for k in conversion.ignored} == {"head.projection.weight", "head.projection.bias"}
+    load_into(target, conversion)
+    target.double()
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)).double()
+    with torch.no_grad():
+        out = target(image)["scale5"]
+    expected = pyslowfast_revmvit_forward(
+        image, {k: v.double() for k, v in w.items()}, depth, transitions, heads=1, kv_stride=2
+    )
+    torch.testing.assert_close(tokens(out), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_pyslowfast_revmvit_into_the_mvitv2_layout_reports_what_differs():
     w = pyslowfast_revmvit(dim=8, heads=1, depth=5, transitions=(1, 2, 4), grid=8)
     target = small_rev_mvit(
         use_abs_pos=True, use_rel_pos=False, residual_pooling=False, pretrain_img_size=32
     )
     conversion = convert_pyslowfast_revmvit(w, target)
-    assert conversion.partial_groups == ["fusion_mlp", "q_pool", "stage_norms"]
+    assert conversion.partial_groups == ["fusion_mlp", "kv_stride", "q_pool"]
+    # The MViTv2 layout doubles the key/value stride of the global last blocks of stages 3 and
+    # 4 (blocks 1 and 3 here); the official model halves it at every transition and never
+    # doubles it.
+    assert conversion.differences == {
+        "blocks.1 key/value stride 2, official 1": "kv_stride",
+        "blocks.3 key/value stride 2, official 1": "kv_stride",
+    }
+    assert "key/value stride" in conversion.format_report()
     q_pool = {
         f"blocks.{i}.attn.{k}"
         for i in (0, 3)

@@ -27,8 +27,15 @@ def test_output_shape_matches_outputs_on_padded_sizes():
     assert model.size_divisibility == 32
 
 
-def test_gradients_equal_across_backprop_modes_float64():
-    model = tiny_rev_mvit().double().train()
+# The paper layout as the official Rev-MViT has it: absolute positions only, global attention.
+PAPER = dict(layout="paper", use_rel_pos=False, residual_pooling=False, adaptive_window_size=0)
+
+
+# Seeds for which drop path leaves every parameter a gradient (no branch, and in the paper
+# layout no transition output, dropped for both samples) but drops some for one sample.
+@pytest.mark.parametrize("layout, seed", [("mvitv2", 2), ("paper", 0)])
+def test_gradients_equal_across_backprop_modes_float64(layout, seed):
+    model = tiny_rev_mvit(**(PAPER if layout == "paper" else {})).double().train()
     for name, p in model.named_parameters():  # zero-initialised tables would test nothing
         if "rel_pos" in name:
             nn.init.normal_(p, std=0.05)
@@ -38,7 +45,7 @@ def test_gradients_equal_across_backprop_modes_float64():
         model.backprop = mode
         model.zero_grad(set_to_none=True)
         x.grad = None
-        torch.manual_seed(2)  # drops 4 of the 16 branches for one sample, none for both
+        torch.manual_seed(seed)
         feats = model(x)
         # Channel weights: a plain sum of a LayerNorm output has no gradient.
         loss = sum(
@@ -49,7 +56,9 @@ def test_gradients_equal_across_backprop_modes_float64():
         outs[mode] = torch.cat([f.flatten() for f in feats.values()]).detach()
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
         grads[mode]["input"] = x.grad.clone()
-    for name in ("blocks.3.attn.rel_pos_h", "blocks.2.attn.rel_pos_w", "pos_embed"):
+    checked = ["pos_embed"]
+    checked += ["blocks.2.fuse.fc1.weight"] if layout == "paper" else ["blocks.3.attn.rel_pos_h"]
+    for name in checked:
         assert grads["autograd"][name].abs().max() > 0, name
     # The keys' norm bias shifts all scores of a query equally and softmax cancels it: its
     # gradient is rounding noise, compared against the largest gradient instead.
@@ -83,6 +92,32 @@ def test_transition_drop_path_drops_branches_not_the_feature_map():
     assert torch.equal(
         out, nn.functional.max_pool2d(x.permute(0, 3, 1, 2), 3, 2, 1).permute(0, 2, 3, 1)
     )
+
+
+def test_paper_transition_drops_its_whole_output_as_the_official_block():
+    block = StageTransitionBlock(8, 2, drop_path=1.0, layout="paper").train()
+    assert not block(torch.randn(2, 8, 8, 8)).any()
+    assert block.eval()(torch.randn(2, 8, 8, 8)).abs().sum() > 0
+
+
+def test_paper_layout_pools_queries_in_transitions_only_and_doubles_no_stride():
+    def layout_of(model):
+        return [
+            (type(b).__name__, b.attn.pool_q is not None, b.attn.pool_k.stride[0])
+            for b in model.blocks
+        ]
+
+    size = REVMVIT_SIZES["paper_b"]
+    paper = layout_of(RevMViT(**{**size, **PAPER}))
+    transitions = [i for i, (kind, _, _) in enumerate(paper) if kind == "StageTransitionBlock"]
+    assert transitions == [1, 3, 14]  # PySlowFast REV_MVIT_B_16_CONV's BUFFER_LAYERS
+    assert [q for _, q, _ in paper] == [i in transitions for i in range(16)]
+    assert [s for _, _, s in paper] == [4] + [2] * 2 + [1] * 13
+    # The MViTv2 layout of the same blocks pools every query and doubles the key/value
+    # stride of the global last blocks of stages 3 and 4 (blocks 2 and 13), as MViTv2 does.
+    mvitv2 = layout_of(RevMViT(**{**size, "layout": "mvitv2"}))
+    assert all(q for _, q, _ in mvitv2)
+    assert [s for _, _, s in mvitv2] == [4, 2, 4] + [1] * 10 + [2, 1, 1]
 
 
 def test_pooled_key_relative_position_bias_fold_equals_explicit_softmax():
@@ -182,3 +217,5 @@ def test_bad_inputs_and_arguments_are_named():
         model.backprop = "fast"
     with pytest.raises(ValueError, match="unknown out_features"):
         tiny_rev_mvit(out_features=("scale6",))
+    with pytest.raises(ValueError, match=r"layout 'v1' is not valid.*'mvitv2', 'paper'"):
+        tiny_rev_mvit(layout="v1")

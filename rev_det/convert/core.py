@@ -8,8 +8,11 @@ fills it, and an account of every key: matched, missing (target parameters the s
 weights for; they keep rev_det's initialisation), dropped (source weights that carry function
 but have no place in the target) and ignored (source weights outside a detection trunk:
 classifier heads, class tokens, decoders). Missing and dropped keys come in named *groups*
-(:data:`PARTIAL_GROUPS`); a conversion with any of them is an initialisation of the rev_det
-model, not the source model. Shape mismatches raise :class:`ConversionError`.
+(:data:`PARTIAL_GROUPS`), and so do differences of function without weights (e.g. pooling
+strides, :meth:`KeyMapping.differ`); a conversion with any of them is an initialisation of the
+rev_det model, not the source model. Missing keys in :data:`ADDED_GROUPS` (outputs the source
+model does not have) are reported but do not make it partial. Shape mismatches raise
+:class:`ConversionError`.
 """
 
 import logging
@@ -28,6 +31,7 @@ from ..modeling.rev_vit import RevViT
 
 __all__ = [
     "PARTIAL_GROUPS",
+    "ADDED_GROUPS",
     "BRANCH_KEYS",
     "POOL_KEYS",
     "Conversion",
@@ -51,8 +55,11 @@ PARTIAL_GROUPS = {
     "which adds no bias; ViTDet does the same with MAE weights)",
     "abs_pos": "absolute position embedding on one side only",
     "fusion_norm": "RevViT's LayerNorm over the two concatenated streams (a plain ViT has none)",
-    "stage_norms": "RevMViT's output LayerNorms over the concatenated streams (scale2_norm .. "
-    "scale5_norm) the source has no counterpart for",
+    "stage_norms": "RevMViT's final output LayerNorm over the concatenated streams (scale5_norm), "
+    "which the source's final norm does not fit",
+    "kv_stride": "key/value pooling strides that differ from the source model's (rev_det's "
+    "MViTv2 layout doubles them in the global last blocks of stages 3 and 4, as Detectron2's "
+    "MViTv2 does; the paper layout, MODEL.REVMVIT.SIZE paper_b, keeps the source's)",
     "transition": "stage-transition inputs: rev_det's transition blocks take the 2C concatenated "
     "streams (norm1, attn.qkv), the source's take C channels",
     "q_pool": "query pooling (attn.pool_q, attn.norm_q) of stage-preserving blocks, which the "
@@ -68,6 +75,14 @@ PARTIAL_GROUPS = {
     "other": "parameters on one side only: check that the config matches the checkpoint "
     "(e.g. QKV_BIAS, OUT_FEATURES)",
     "unrecognised": "source keys this converter does not know: is --source right?",
+}
+
+# Target parameters a source cannot have and the source's function does not need: the output
+# norms of the intermediate stages (scale2_norm .. scale4_norm), which a classification model
+# has no output for. Reported, left at rev_det's initialisation, not partial.
+ADDED_GROUPS = {
+    "output_norms": "RevMViT's LayerNorms of the intermediate outputs (scale2_norm .. "
+    "scale4_norm), outputs a classification source does not have",
 }
 
 # A ViT block's parameters besides its input norm and qkv projection (which stage transitions
@@ -100,6 +115,8 @@ class Conversion:
         dropped: source key -> partial group, for source weights the target has no place for.
         ignored: source key -> reason, for source weights outside a detection trunk.
         notes: what was transformed on the way (resizing, folding, squeezing).
+        differences: what the target computes differently from the source without a weight
+            to show it (e.g. "blocks.2 key/value stride: 4, source 2") -> partial group.
     """
 
     source: str
@@ -110,11 +127,14 @@ class Conversion:
     dropped: Dict[str, str]
     ignored: Dict[str, str]
     notes: List[str] = field(default_factory=list)
+    differences: Dict[str, str] = field(default_factory=dict)
 
     @property
     def partial_groups(self) -> List[str]:
-        """The groups that make this conversion partial (empty: the trunk is fully covered)."""
-        return sorted(set(self.missing.values()) | set(self.dropped.values()))
+        """The groups that make this conversion partial (empty: the trunk computes the source
+        model's function, on the outputs the source has)."""
+        groups = set(self.missing.values()) | set(self.dropped.values())
+        return sorted((groups | set(self.differences.values())) - set(ADDED_GROUPS))
 
     def blocking_groups(self, allow: Iterable[str] = ()) -> List[str]:
         """The partial groups not in ``allow`` ("all" allows every group)."""
@@ -138,8 +158,12 @@ class Conversion:
             lines.append(f"  {title}: {len(keys)}")
             for group in sorted(set(keys.values())):
                 members = [k for k, g in keys.items() if g == group]
-                lines.append(f"    [{group}] {PARTIAL_GROUPS[group]}")
+                lines.append(f"    [{group}] {_GROUPS[group]}")
                 lines += [f"        {k}" for k in _summarise(members, verbose)]
+        if self.differences:
+            lines.append(f"  computed differently (no weight shows it): {len(self.differences)}")
+            for what, group in self.differences.items():
+                lines.append(f"    [{group}] {what}")
         lines.append(f"  ignored (outside the detection trunk): {len(self.ignored)}")
         for reason in sorted(set(self.ignored.values())):
             members = [k for k, r in self.ignored.items() if r == reason]
@@ -148,6 +172,9 @@ class Conversion:
             lines.append("  notes:")
             lines += [f"    - {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+_GROUPS = {**PARTIAL_GROUPS, **ADDED_GROUPS}
 
 
 def _summarise(keys: Sequence[str], verbose: bool = False) -> List[str]:
@@ -189,6 +216,7 @@ class KeyMapping:
         self.dropped: Dict[str, str] = {}
         self.ignored: Dict[str, str] = {}
         self.notes: List[str] = []
+        self.differences: Dict[str, str] = {}
         self.summed: List[str] = []  # source kernels whose temporal taps were summed
 
     def conv2d(self, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -221,6 +249,11 @@ class KeyMapping:
         for key in self.sd:
             if re.fullmatch(pattern, key):
                 self.dropped[key] = group
+
+    def differ(self, what: str, group: str):
+        """Record that the target computes ``what`` differently from the source, though no
+        weight shows it (a partial ``group``)."""
+        self.differences[what] = group
 
     def ignore(self, pattern: str, reason: str):
         """Mark the source keys matching the regular expression as outside the trunk."""
@@ -310,6 +343,7 @@ class KeyMapping:
             dropped=self.dropped,
             ignored=self.ignored,
             notes=self.notes,
+            differences=self.differences,
         )
 
     def _fit_pos_embed(self, grid: torch.Tensor, shape: Tuple[int, ...], has_cls: bool):
@@ -342,6 +376,8 @@ def transition_indexes(target: nn.Module) -> List[int]:
 
 def _missing_group(key: str, transitions: Sequence[int]) -> str:
     """The group of a target parameter the source does not fill."""
+    if re.match(r"scale[2-4]_norm\.", key):
+        return "output_norms"
     group = _extra_group(key)
     if group != "other":
         return group

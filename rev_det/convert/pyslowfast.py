@@ -15,11 +15,13 @@ take the 2C concatenated streams (``PRE_Q_FUSION`` "concat*") and, for "concat_l
 first apply ``pre_q_fuse.fuse_fn`` (an MLP with a residual); their attention maps 2C to the
 new width (no skip projection) and pools the skip path with its own ``pool_q``.
 ``norm`` is a LayerNorm over the 2C concatenation of the final streams; ``head.projection``
-the classifier.
+the classifier. Key/value strides are not in the weights: the released configs set
+``POOL_KV_STRIDE_ADAPTIVE`` for the first block and halve it at every query stride
+(:func:`official_kv_strides`).
 """
 
 import re
-from typing import Mapping
+from typing import List, Mapping
 
 import torch
 from torch import nn
@@ -41,13 +43,25 @@ from .core import (
     transition_indexes,
 )
 
-__all__ = ["convert_pyslowfast_revvit", "convert_pyslowfast_revmvit"]
+__all__ = ["convert_pyslowfast_revvit", "convert_pyslowfast_revmvit", "official_kv_strides"]
 
 
 def _width(sd: Mapping[str, torch.Tensor], key: str, source: str) -> int:
     if key not in sd:
         raise ConversionError(f"the checkpoint has no {key}, which the {source} layout has.")
     return sd[key].shape[0]
+
+
+def official_kv_strides(target: RevMViT) -> List[int]:
+    """The key/value stride of each block of the official Rev-MViT with the target's first
+    stride and transitions: halved at every transition (PySlowFast's adaptive strides), never
+    doubled."""
+    stride, strides = target.blocks[0].attn.pool_k.stride[0], []
+    transitions = set(transition_indexes(target))
+    for i in range(len(target.blocks)):
+        stride = max(stride // 2, 1) if i in transitions else stride
+        strides.append(stride)
+    return strides
 
 
 def _pyslowfast(sd: Mapping[str, torch.Tensor], target: nn.Module, source: str) -> Conversion:
@@ -69,6 +83,7 @@ def _pyslowfast(sd: Mapping[str, torch.Tensor], target: nn.Module, source: str) 
             "pyslowfast-revmvit with a RevMViT config."
         )
     transitions = transition_indexes(target)
+    paper = isinstance(target, RevMViT) and target.layout == "paper"
     m.copy("patch_embed.proj.weight", "patch_embed.proj.weight", m.conv2d("patch_embed.proj"))
     m.copy("patch_embed.proj.bias", "patch_embed.proj.bias")
     if "pos_embed" in sd:
@@ -110,7 +125,12 @@ def _pyslowfast(sd: Mapping[str, torch.Tensor], target: nn.Module, source: str) 
             m.ignore(re.escape(f"{s}F.attn.rel_pos_t"), "temporal position table of length 1")
         elif table is not None:
             m.drop(re.escape(f"{s}F.attn.rel_pos_t"), "temporal")
-        m.drop(re.escape(s) + r"pre_q_fuse\..*", "fusion_mlp")
+        if paper:
+            for p in ("weight", "bias"):
+                for fc in ("fc1", "fc2"):
+                    m.copy(f"{t}fuse.{fc}.{p}", f"{s}pre_q_fuse.fuse_fn.{fc}.{p}")
+        else:
+            m.drop(re.escape(s) + r"pre_q_fuse\..*", "fusion_mlp")
         m.drop(re.escape(s) + r"res_proj\..*", "skip_proj")
     final = "norm" if isinstance(target, RevViT) else "scale5_norm"
     for p in ("weight", "bias"):
@@ -119,9 +139,18 @@ def _pyslowfast(sd: Mapping[str, torch.Tensor], target: nn.Module, source: str) 
     m.drop(r"norm_stem\..*", "stem_norm")
     m.ignore(r"head\..*", "classifier head")
     if isinstance(target, RevMViT):
+        official = official_kv_strides(target)
+        for i, block in enumerate(target.blocks):
+            stride = block.attn.pool_k.stride[0]
+            if stride != official[i]:
+                m.differ(
+                    f"blocks.{i} key/value stride {stride}, official {official[i]}", "kv_stride"
+                )
+    if isinstance(target, RevMViT) and not paper:
         m.notes.append(
             "PySlowFast pools a transition's skip path with its attention's query pooling "
-            "(RES_PATH conv); rev_det uses a 3x3 stride-2 max pooling (no weights)"
+            "(RES_PATH conv); rev_det's MViTv2 layout uses a 3x3 stride-2 max pooling (no "
+            "weights); the paper layout (MODEL.REVMVIT.SIZE paper_b) is the official model"
         )
     return m.finish(target)
 
@@ -138,15 +167,18 @@ def convert_pyslowfast_revvit(sd: Mapping[str, torch.Tensor], target: RevViT) ->
 
 
 def convert_pyslowfast_revmvit(sd: Mapping[str, torch.Tensor], target: RevMViT) -> Conversion:
-    """PySlowFast's official Rev-MViT (``REV_MVIT_B.pyth``, 16 blocks: a RevMViT with
-    ``DEPTH 16``, ``LAST_BLOCK_INDEXES [0, 2, 13, 15]``, absolute position embedding, no
-    relative position tables, no residual pooling) into a :class:`RevMViT`.
+    """PySlowFast's official Rev-MViT (``REV_MVIT_B.pyth``) into a :class:`RevMViT`.
 
-    Exact: patch embedding, position embedding, every G, every transition's attention (its
-    input is the 2C concatenation in both), the final LayerNorm (``scale5_norm``). Partial:
-    the official transitions' fusion MLP ("fusion_mlp": rev_det concatenates), query pooling
-    of stage-preserving blocks ("q_pool": rev_det pools queries in every block, the official
-    model only in transitions) and the ``scale2``-``scale4`` output norms ("stage_norms").
+    Into the paper layout (``MODEL.REVMVIT.SIZE paper_b`` with absolute positions, no relative
+    positions, no residual pooling, global attention: ``configs/COCO/
+    mask_rcnn_rev_mvit_b_paper.yaml``) every official weight has a place and the trunk computes
+    the official function: ``scale5`` is the official model's final normalised token map; the
+    ``scale2``-``scale4`` output norms are added outputs ("output_norms", not partial).
+
+    Into the MViTv2 layout (16 blocks: ``SIZE S``) it is an initialisation: the transitions'
+    fusion MLP ("fusion_mlp": that layout concatenates), query pooling of stage-preserving
+    blocks ("q_pool": it pools queries in every block) and the doubled key/value strides of its
+    global blocks ("kv_stride") differ.
     """
     check_target(target, RevMViT, "pyslowfast-revmvit")
     return _pyslowfast(sd, target, "pyslowfast-revmvit")

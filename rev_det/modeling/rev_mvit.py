@@ -1,4 +1,15 @@
-"""RevMViT: the MViTv2 detection backbone made reversible (Rev-MViT, Mangalam et al., CVPR 2022)."""
+"""RevMViT: MViT made reversible (Rev-MViT, Mangalam et al., CVPR 2022), in two layouts.
+
+* ``"mvitv2"``: Detectron2's MViTv2 detection backbone made reversible (relative positions,
+  residual pooling, queries pooled in every block, hybrid window attention): for MViTv2's
+  recipes and checkpoints.
+* ``"paper"``: the paper's released Rev-MViT (PySlowFast ``REV_MVIT_B_16_CONV``): queries pooled
+  in the stage transitions only, key/value strides halved at every transition and nowhere
+  doubled, and transitions that fuse the streams with an MLP, pool their skip path with the
+  attention's query pooling and drop the whole output path. With absolute positions and no
+  relative positions or residual pooling (its config), ``--source pyslowfast-revmvit`` loads the
+  official checkpoint into it as the same function.
+"""
 
 import logging
 from functools import partial
@@ -24,6 +35,7 @@ from .attention import (
 from .trunk_args import backprop_args, size_args
 
 __all__ = [
+    "LAYOUTS",
     "RevMViT",
     "RevMViTBlock",
     "StageTransitionBlock",
@@ -34,22 +46,55 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# MViTv2's detection sizes (Detectron2's MViTv2 configs): width and heads of the first stage
-# (both double at every stage), depth, the last block of each of the four stages, drop path.
-# The one table of these numbers: yacs configs name a row (MODEL.REVMVIT.SIZE), LazyConfigs
-# unpack one (``L(RevMViT)(**REVMVIT_SIZES["T"], ...)``).
+# The block layouts (see the module docstring).
+LAYOUTS = ("mvitv2", "paper")
+
+# The named sizes: width and heads of the first stage (both double at every stage), depth, the
+# last block of each of the four stages, drop path, layout. "T" to "L" are MViTv2's detection
+# sizes (Detectron2's MViTv2 configs); "paper_b" is the paper's Rev-MViT-B (PySlowFast
+# REV_MVIT_B_16_CONV: transitions at blocks 1, 3 and 14, drop path 0.1). The one table of these
+# numbers: yacs configs name a row (MODEL.REVMVIT.SIZE), LazyConfigs unpack one
+# (``L(RevMViT)(**REVMVIT_SIZES["T"], ...)``).
 REVMVIT_SIZES = {
     "T": dict(
-        embed_dim=96, depth=10, num_heads=1, last_block_indexes=(0, 2, 7, 9), drop_path_rate=0.2
+        embed_dim=96,
+        depth=10,
+        num_heads=1,
+        last_block_indexes=(0, 2, 7, 9),
+        drop_path_rate=0.2,
+        layout="mvitv2",
     ),
     "S": dict(
-        embed_dim=96, depth=16, num_heads=1, last_block_indexes=(0, 2, 13, 15), drop_path_rate=0.2
+        embed_dim=96,
+        depth=16,
+        num_heads=1,
+        last_block_indexes=(0, 2, 13, 15),
+        drop_path_rate=0.2,
+        layout="mvitv2",
     ),
     "B": dict(
-        embed_dim=96, depth=24, num_heads=1, last_block_indexes=(1, 4, 20, 23), drop_path_rate=0.4
+        embed_dim=96,
+        depth=24,
+        num_heads=1,
+        last_block_indexes=(1, 4, 20, 23),
+        drop_path_rate=0.4,
+        layout="mvitv2",
     ),
     "L": dict(
-        embed_dim=144, depth=48, num_heads=2, last_block_indexes=(1, 7, 43, 47), drop_path_rate=0.5
+        embed_dim=144,
+        depth=48,
+        num_heads=2,
+        last_block_indexes=(1, 7, 43, 47),
+        drop_path_rate=0.5,
+        layout="mvitv2",
+    ),
+    "paper_b": dict(
+        embed_dim=96,
+        depth=16,
+        num_heads=1,
+        last_block_indexes=(0, 2, 13, 15),
+        drop_path_rate=0.1,
+        layout="paper",
     ),
 }
 
@@ -102,7 +147,8 @@ class PoolingAttention(nn.Module):
     """MViTv2 pooling attention on a (B, H, W, C) grid.
 
     Queries, keys and values are pooled per head by depthwise convolutions (``pool_q``,
-    ``pool_k``, ``pool_v``) and layer-normalised (``norm_q``, ``norm_k``, ``norm_v``); the
+    ``pool_k``, ``pool_v``) and layer-normalised (``norm_q``, ``norm_k``, ``norm_v``; queries
+    only with ``pool_queries``: the paper's Rev-MViT pools them in stage transitions only); the
     decomposed relative position bias spans the query and the (coarser) key grid; the pooled
     queries are added to the attention output (residual pooling). Attention runs through
     :func:`attention_with_rel_pos` (scaled dot-product attention), windowed or global.
@@ -115,6 +161,7 @@ class PoolingAttention(nn.Module):
         norm_layer: normalisation after pooling.
         pool_kernel: kernel of the pooling convolutions.
         stride_q: pooling stride of the queries (the output is this much coarser).
+        pool_queries: pool (and normalise) the queries; False requires ``stride_q`` 1.
         stride_kv: pooling stride of the keys and values.
         residual_pooling: add the pooled queries to the attention output.
         window_size: window size on the input grid (0: global attention). Query and key/value
@@ -138,8 +185,11 @@ class PoolingAttention(nn.Module):
         window_size: int = 0,
         use_rel_pos: bool = False,
         input_size: int = 56,
+        pool_queries: bool = True,
     ):
         super().__init__()
+        if not pool_queries and stride_q != 1:
+            raise ValueError(f"query stride {stride_q} needs pool_queries=True.")
         if window_size and (window_size % stride_q or window_size % stride_kv):
             raise ValueError(
                 f"window size {window_size} is not divisible by the query stride {stride_q} and "
@@ -161,8 +211,8 @@ class PoolingAttention(nn.Module):
             groups=head_dim,
             bias=False,
         )
-        self.pool_q = conv(stride=stride_q)
-        self.norm_q = norm_layer(head_dim)
+        self.pool_q = conv(stride=stride_q) if pool_queries else None
+        self.norm_q = norm_layer(head_dim) if pool_queries else None
         self.pool_k = conv(stride=stride_kv)
         self.norm_k = norm_layer(head_dim)
         self.pool_v = conv(stride=stride_kv)
@@ -182,7 +232,8 @@ class PoolingAttention(nn.Module):
         b, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(b, h, w, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5)
         q, k, v = qkv.reshape(3, b * self.num_heads, h, w, -1).unbind(0)
-        q = _pool(q, self.pool_q, self.norm_q)
+        if self.pool_q is not None:
+            q = _pool(q, self.pool_q, self.norm_q)
         k = _pool(k, self.pool_k, self.norm_k)
         v = _pool(v, self.pool_v, self.norm_v)
         pooled_q, q_grid = q, q.shape[1:3]
@@ -207,6 +258,21 @@ class PoolingAttention(nn.Module):
         x = x.reshape(b, self.num_heads, hq, wq, d).permute(0, 2, 3, 1, 4).reshape(b, hq, wq, -1)
         return self.proj(x)
 
+    def pool_like_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H / s, W / s, C): ``x`` split into the heads as the queries are
+        (C = heads * head width), pooled by ``pool_q`` and normalised by ``norm_q``, regrouped.
+
+        The skip path of the paper's stage transitions (PySlowFast ``RES_PATH conv``)."""
+        b, h, w, c = x.shape
+        heads = x.reshape(b, h, w, self.num_heads, -1).permute(0, 3, 1, 2, 4)
+        pooled = _pool(heads.reshape(b * self.num_heads, h, w, -1), self.pool_q, self.norm_q)
+        hq, wq = pooled.shape[1:3]
+        return (
+            pooled.reshape(b, self.num_heads, hq, wq, -1)
+            .permute(0, 2, 3, 1, 4)
+            .reshape(b, hq, wq, c)
+        )
+
 
 class RevMViTBlock(ReversibleBlock):
     """A stage-preserving MViTv2 block as a reversible block.
@@ -214,7 +280,8 @@ class RevMViTBlock(ReversibleBlock):
     ``F = norm1 + pooling attention`` (no query stride, same width) and
     ``G = norm2 + MLP``, each followed by drop path; the coupling ``Y1 = X1 + F(X2)``,
     ``Y2 = X2 + G(Y1)`` is the residual, so there is no skip inside F or G. (Residual pooling
-    is part of the attention function, not a block skip.)
+    is part of the attention function, not a block skip.) In the "paper" layout the queries are
+    not pooled (the paper's Rev-MViT pools them in stage transitions only).
 
     Args:
         dim: width of each stream.
@@ -230,6 +297,7 @@ class RevMViTBlock(ReversibleBlock):
         window_size: window attention size (0: global).
         use_rel_pos: add the decomposed relative position bias.
         input_size: side of the grid the relative position tables are sized for.
+        layout: "mvitv2" or "paper" (see the module docstring).
     """
 
     def __init__(
@@ -247,6 +315,7 @@ class RevMViTBlock(ReversibleBlock):
         window_size: int = 0,
         use_rel_pos: bool = False,
         input_size: int = 56,
+        layout: str = "mvitv2",
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -262,6 +331,7 @@ class RevMViTBlock(ReversibleBlock):
             window_size=window_size,
             use_rel_pos=use_rel_pos,
             input_size=input_size,
+            pool_queries=_check_layout(layout) == "mvitv2",
         )
         self.drop_path = StochasticDepth(drop_path, "row")
         self.norm2 = norm_layer(dim)
@@ -278,14 +348,25 @@ class StageTransitionBlock(nn.Module):
     """The first block of a stage: queries pooled with stride 2; not invertible.
 
     Its input is the concatenation of the previous stage's two streams, whose 2C channels are
-    already the new stage's width, so attention maps 2C to 2C and the skip needs no projection:
-    it is a 3x3 stride-2 max pooling of the input (as in MViTv2)::
+    already the new stage's width, so attention maps 2C to 2C and the skip needs no projection.
+    The two layouts differ in the fusion, the skip path and where drop path acts:
 
-        x = MaxPool(x) + DropPath(Attention(norm1(x)))
-        x = x + DropPath(MLP(norm2(x)))
+    * "mvitv2": the skip is a 3x3 stride-2 max pooling of the input (as in MViTv2); drop path
+      acts on the two residual branches::
 
-    Drop path acts on the two residual branches only (the official Rev-MViT applies it to the
-    whole output, which zeroes entire feature maps of some samples).
+          x = MaxPool(x) + DropPath(Attention(norm1(x)))
+          x = x + DropPath(MLP(norm2(x)))
+
+    * "paper": the paper's released transition (PySlowFast ``PRE_Q_FUSION concat_linear_2``,
+      ``RES_PATH conv``): the streams are fused by an MLP with a residual (``fuse``, hidden width
+      twice the input's), the skip is the fused input pooled by the attention's own query
+      pooling and norm (:meth:`PoolingAttention.pool_like_queries`), and drop path acts on the
+      whole output, as the official block does (it zeroes whole feature maps of the dropped
+      samples; kept so that the official checkpoint trains as it was trained)::
+
+          x = x + MLP_fuse(x)
+          x = QueryPool(x) + Attention(norm1(x))
+          x = DropPath(x + MLP(norm2(x)))
 
     Args: as :class:`RevMViTBlock`; ``dim`` is the (fused input and output) width.
     """
@@ -305,8 +386,12 @@ class StageTransitionBlock(nn.Module):
         window_size: int = 0,
         use_rel_pos: bool = False,
         input_size: int = 56,
+        layout: str = "mvitv2",
     ):
         super().__init__()
+        self.paper = _check_layout(layout) == "paper"
+        if self.paper:
+            self.fuse = Mlp(dim, 2 * dim, act=act_layer)
         self.norm1 = norm_layer(dim)
         self.attn = PoolingAttention(
             dim,
@@ -322,27 +407,43 @@ class StageTransitionBlock(nn.Module):
             use_rel_pos=use_rel_pos,
             input_size=input_size,
         )
-        self.pool_skip = nn.MaxPool2d(_Q_STRIDE + 1, _Q_STRIDE, (_Q_STRIDE + 1) // 2)
+        if not self.paper:
+            self.pool_skip = nn.MaxPool2d(_Q_STRIDE + 1, _Q_STRIDE, (_Q_STRIDE + 1) // 2)
         self.drop_path = StochasticDepth(drop_path, "row")
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.paper:
+            x = x + self.fuse(x)
+            x = self.attn.pool_like_queries(x) + self.attn(self.norm1(x))
+            return self.drop_path(x + self.mlp(self.norm2(x)))
         x = _pool(x, self.pool_skip) + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def _check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"RevMViT layout {layout!r} is not valid; choose one of {LAYOUTS} "
+            "(MODEL.REVMVIT.LAYOUT, or a size of that layout: MODEL.REVMVIT.SIZE)."
+        )
+    return layout
+
+
 class RevMViT(Backbone, BackpropModule):
-    """Reversible MViTv2 trunk for detection: four stages at strides 4, 8, 16, 32.
+    """Reversible MViT trunk for detection: four stages at strides 4, 8, 16, 32.
 
     Layout (block indexes as in Detectron2's MViT, one global ``blocks`` list): the first block
     of stages 3 to 5 (``i - 1 in last_block_indexes``) is a :class:`StageTransitionBlock`
     (query stride 2, width and heads doubled, recomputed in backward); every other block keeps the
     shape and is a :class:`RevMViTBlock`, and each run of them between transitions is one
-    reversible sequence (:func:`reversible_sequence`). Window attention, adaptive key/value
-    strides (``adaptive_kv_stride`` in stage 2, halved at every transition, doubled in the
-    global last blocks of stages 3 and 4) and relative position tables follow Detectron2's
-    MViTv2 exactly.
+    reversible sequence (:func:`reversible_sequence`). Adaptive key/value strides:
+    ``adaptive_kv_stride`` in stage 2, halved at every transition. In the "mvitv2" layout, window
+    attention, the doubled key/value stride of the global last blocks of stages 3 and 4 and the
+    relative position tables follow Detectron2's MViTv2 exactly; the "paper" layout (the paper's
+    released Rev-MViT) pools queries in the transitions only, doubles no stride and has its own
+    transition (:class:`StageTransitionBlock`).
 
     Streams and fusion: the patch tokens (and every transition's output) are duplicated into
     the two streams of the next reversible run. At the end of each stage the two C-channel
@@ -384,6 +485,8 @@ class RevMViT(Backbone, BackpropModule):
         use_rel_pos: add decomposed relative position bias in attention.
         pretrain_img_size: image size of the pre-training grid of ``pos_embed``.
         pretrain_use_cls_token: whether ``pos_embed`` has a class-token entry (dropped).
+        layout: "mvitv2" (Detectron2's MViTv2 made reversible) or "paper" (the paper's
+            released Rev-MViT); see the module docstring.
         backprop: "reversible", "autograd" or "checkpoint" (see :mod:`rev_det.reversible`). In
             "reversible" and "checkpoint" modes the transition blocks are recomputed in
             backward from their input (torch.utils.checkpoint) instead of stored.
@@ -416,6 +519,7 @@ class RevMViT(Backbone, BackpropModule):
         use_rel_pos: bool = True,
         pretrain_img_size: int = 224,
         pretrain_use_cls_token: bool = True,
+        layout: str = "mvitv2",
         backprop: str = "reversible",
         parallel_backward: bool = False,
         out_features: Sequence[str] = ("scale2", "scale3", "scale4", "scale5"),
@@ -439,6 +543,7 @@ class RevMViT(Backbone, BackpropModule):
             raise ValueError(f"unknown out_features {sorted(unknown)}; choose from scale2..scale5.")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}.")
+        self.layout = _check_layout(layout)
         self.in_chans = in_chans
         self.pretrain_use_cls_token = pretrain_use_cls_token
         self._size_divisibility = max(patch_stride) * _Q_STRIDE**3
@@ -464,8 +569,9 @@ class RevMViT(Backbone, BackpropModule):
             if transition:
                 dim, heads, stride_kv = 2 * dim, 2 * heads, max(stride_kv // 2, 1)
             # MViTv2's hybrid window attention: global attention in the last block of stages 3
-            # to 5, with keys and values pooled twice as much in stages 3 and 4.
+            # to 5, with keys and values pooled twice as much in stages 3 and 4 (MViTv2 only).
             is_global = i in last[1:]
+            doubled = layout == "mvitv2" and i in last[1:3]
             kind = StageTransitionBlock if transition else RevMViTBlock
             blocks.append(
                 kind(
@@ -477,11 +583,12 @@ class RevMViT(Backbone, BackpropModule):
                     norm_layer=norm_layer,
                     act_layer=act_layer,
                     qkv_pool_kernel=qkv_pool_kernel,
-                    stride_kv=2 * stride_kv if i in last[1:3] else stride_kv,
+                    stride_kv=2 * stride_kv if doubled else stride_kv,
                     residual_pooling=residual_pooling,
                     window_size=0 if is_global else window,
                     use_rel_pos=use_rel_pos,
                     input_size=grid,
+                    layout=layout,
                 )
             )
             if transition:
@@ -502,8 +609,9 @@ class RevMViT(Backbone, BackpropModule):
                 self.add_module(f"{name}_norm", norm_layer(channels))
         init_vit_weights(self, self.pos_embed)
         logger.info(
-            "RevMViT: %d blocks, stage transitions (recomputed) at %s, the rest "
+            "RevMViT (%s layout): %d blocks, stage transitions (recomputed) at %s, the rest "
             "reversible; backprop=%r.",
+            layout,
             depth,
             [i + 1 for i in last[:-1]],
             backprop,
