@@ -838,3 +838,23 @@ def test_vit_with_a_stem_and_relative_positions_converts_whole_but_the_fusion_no
         got = value[:, 1:] if key == "pos_embed" else value  # entry is unused by both
         assert torch.equal(got, want) and value.shape == state[key].shape, key
     assert any(key.startswith("patch_embed.stem.") for key in conversion.state_dict)
+
+
+@pytest.mark.parametrize(
+    "name", ["mask_rcnn_rev_mvit_b_paper.yaml", "mask_rcnn_rev_mvit_b_paper_36ep.py"]
+)
+def test_official_rev_mvit_b_converts_completely_for_the_paper_configs(tmp_path, name, capsys):
+    """A checkpoint with the shapes of the released REV_MVIT_B.pyth (96 wide, 16 blocks,
+    transitions at 1, 3 and 14, a 56x56 position grid) converts with no partial group for the
+    paper's detection configs: the tool writes it without --allow-partial."""
+    source, output = tmp_path / "REV_MVIT_B.pyth", tmp_path / "out.pth"
+    w = pyslowfast_revmvit(dim=96, heads=1, depth=16, transitions=(1, 3, 14), grid=56)
+    torch.save({"model_state": dict(w)}, source)
+    config = os.path.join(ROOT, "configs", "COCO", name)
+    args = ["--source", "pyslowfast-revmvit", "--input", str(source), "--output", str(output)]
+    assert load_tool().main([*args, "--config-file", config]) == 0
+    report = capsys.readouterr().out
+    assert "[output_norms]" in report and "PARTIAL" not in report
+    saved = torch.load(output)["model"]
+    (fuse,) = [v for k, v in saved.items() if k.endswith(".blocks.14.fuse.fc1.weight")]
+    assert torch.equal(fuse, w["rev_backbone.layers.14.pre_q_fuse.fuse_fn.fc1.weight"])
