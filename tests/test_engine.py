@@ -177,6 +177,22 @@ def test_reversible_activation_memory_is_flat_in_depth():
     assert plain >= 3.0, plain
 
 
+def test_autocast_keeps_no_half_precision_copy_of_the_weights():
+    """Autocast caches the half-precision cast of each weight until its region ends; over a
+    reversible sequence's forward or backward that would be a bfloat16 copy of every block's
+    weights, more than the few activations the engine keeps. The engine turns the cache off:
+    one block's cast weights (a sixteenth of the copy here) are alive at a time."""
+    stack = make_stack(16, torch.float32, dim=256, heads=4).train()
+    stack.backprop = "reversible"
+    copy = sum(p.numel() for p in stack.parameters()) * 2  # bytes of a bfloat16 copy
+    x = torch.randn(1, 16, 256, requires_grad=True)
+    with MemoryTracker(grads_of=list(stack.parameters())) as mem:
+        with torch.autocast("cpu", torch.bfloat16):
+            y1, y2 = stack(x, x)
+        (y1.float().sum() + y2.float().sum()).backward()
+    assert mem.activation_peak < copy / 4, (mem.activation_peak, copy)
+
+
 def test_engine_does_not_depend_on_detectron2():
     root = pathlib.Path(engine.__file__).parent
     for path in root.glob("*.py"):

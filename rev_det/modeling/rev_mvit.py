@@ -41,6 +41,7 @@ __all__ = [
     "StageTransitionBlock",
     "PoolingAttention",
     "ConvPatchEmbed",
+    "pool_tokens",
     "REVMVIT_SIZES",
 ]
 
@@ -120,7 +121,7 @@ class ConvPatchEmbed(nn.Module):
         return tokens_from_map(self.proj(x))
 
 
-def _pool(x: torch.Tensor, pool: nn.Module, norm: Optional[nn.Module] = None) -> torch.Tensor:
+def pool_tokens(x: torch.Tensor, pool: nn.Module, norm: Optional[nn.Module] = None) -> torch.Tensor:
     """Apply a (B, C, H, W) pooling module to a (B, H, W, C) tensor, then an optional norm."""
     x = tokens_from_map(pool(x.permute(0, 3, 1, 2)))
     return norm(x) if norm is not None else x
@@ -233,9 +234,9 @@ class PoolingAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, h, w, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5)
         q, k, v = qkv.reshape(3, b * self.num_heads, h, w, -1).unbind(0)
         if self.pool_q is not None:
-            q = _pool(q, self.pool_q, self.norm_q)
-        k = _pool(k, self.pool_k, self.norm_k)
-        v = _pool(v, self.pool_v, self.norm_v)
+            q = pool_tokens(q, self.pool_q, self.norm_q)
+        k = pool_tokens(k, self.pool_k, self.norm_k)
+        v = pool_tokens(v, self.pool_v, self.norm_v)
         pooled_q, q_grid = q, q.shape[1:3]
         if self.window_size:
             q, q_padded = window_partition(q, self.q_window)
@@ -265,7 +266,7 @@ class PoolingAttention(nn.Module):
         The skip path of the paper's stage transitions (PySlowFast ``RES_PATH conv``)."""
         b, h, w, c = x.shape
         heads = x.reshape(b, h, w, self.num_heads, -1).permute(0, 3, 1, 2, 4)
-        pooled = _pool(heads.reshape(b * self.num_heads, h, w, -1), self.pool_q, self.norm_q)
+        pooled = pool_tokens(heads.reshape(b * self.num_heads, h, w, -1), self.pool_q, self.norm_q)
         hq, wq = pooled.shape[1:3]
         return (
             pooled.reshape(b, self.num_heads, hq, wq, -1)
@@ -418,7 +419,7 @@ class StageTransitionBlock(nn.Module):
             x = x + self.fuse(x)
             x = self.attn.pool_like_queries(x) + self.attn(self.norm1(x))
             return self.drop_path(x + self.mlp(self.norm2(x)))
-        x = _pool(x, self.pool_skip) + self.drop_path(self.attn(self.norm1(x)))
+        x = pool_tokens(x, self.pool_skip) + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -45,7 +45,10 @@ alive.
 Recomputation replays the forward exactly: the CPU and CUDA random number generator states
 seen by F and G in forward are restored around their re-runs (dropout and drop path draw the
 same masks), and so is the forward's autocast state. The global generators are left as they
-would be after ordinary autograd. In eval mode or without grad no custom Function is used.
+would be after ordinary autograd. Forward and recomputation run with autocast's weight-cast
+cache off: a reversible sequence uses each weight once per pass, so the cache saves no cast,
+but it would keep a half-precision copy of every block's weights until the autocast region
+ends (the whole sequence's backward, or the caller's whole forward). In eval mode or without grad no custom Function is used.
 
 Reconstruction is watched: a rebuilt stream that is not finite raises
 :class:`ReconstructionError` naming the block (one device-to-host copy per sequence, at the
@@ -345,10 +348,13 @@ def _autocast_states() -> List[Tuple[str, bool, torch.dtype]]:
 
 @contextlib.contextmanager
 def _replay_autocast(states):
-    """Re-enter the autocast states recorded by :func:`_autocast_states`."""
+    """Re-enter the autocast states recorded by :func:`_autocast_states`, with the weight-cast
+    cache off (see the module docstring; casts give the same values either way)."""
     with contextlib.ExitStack() as stack:
         for device_type, enabled, dtype in states:
-            stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+            stack.enter_context(
+                torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
+            )
         yield
 
 
@@ -482,7 +488,8 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.trainable_ids = {id(p) for p in params}
         ctx.parallel_backward = parallel_backward
         ctx.autocast = _autocast_states()
-        y1, y2, ctx.rng = _run_forward(blocks, x1, x2)  # grad is disabled in Function.forward
+        with _replay_autocast(ctx.autocast):
+            y1, y2, ctx.rng = _run_forward(blocks, x1, x2)  # grad is disabled in Function.forward
         if output is None:
             ctx.save_for_backward(y1, y2)
             return y1, y2

@@ -1,5 +1,7 @@
-"""The classification section, the paper's setting: per-image training memory of ViT-sized
-reversible trunks with global average pooling and a linear head at 224x224."""
+"""The classification section, the paper's setting: per-image training memory of reversible
+trunks (ViT sizes and the paper's Rev-MViT-B) with global average pooling and a linear head at
+224x224, beside the non-reversible model of the same layout (:mod:`..plain`), as the paper
+compares them."""
 
 import os
 from functools import partial
@@ -8,52 +10,90 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from rev_det.modeling import RevViT
+from rev_det.modeling import REVMVIT_SIZES, RevMViT, RevViT
 
 from ..detectors import MODES, Detection
 from ..measure import Row, budgeted, measure, param_mib
+from ..plain import PlainMViT, PlainViT
 from ..report import markdown_section, plot, series
 from .section import Section
 
-__all__ = ["CLASSIFICATION", "CLASSIFIERS", "Classifier", "marginal_per_image"]
+__all__ = [
+    "CLASSIFICATION",
+    "CLASSIFIERS",
+    "CLASSIFIER_MODES",
+    "Classifier",
+    "build_classifier",
+    "marginal_per_image",
+]
 
-# Classification trunks at 224: (width, depth, heads). The paper's per-image memory in MB,
-# plain -> reversible (its Table of ImageNet memory; ViT-Ti is not in the paper).
-CLASSIFIERS = {
+# Classification trunks at 224: ViTs by (width, depth, heads), all global attention, and the
+# paper's Rev-MViT-B (a REVMVIT_SIZES row, in the official configuration).
+VIT_CLASSIFIERS = {
     "vit_ti": (192, 12, 3),
     "vit_s": (384, 12, 6),
     "vit_b": (768, 12, 12),
     "vit_l": (1024, 24, 16),
 }
-PAPER_MB_PER_IMAGE = {"vit_s": (66.5, 8.8), "vit_b": (129.7, 17.0), "vit_l": (349.3, 22.6)}
+MVIT_CLASSIFIERS = {"mvit_b": "paper_b"}
+CLASSIFIERS = (*VIT_CLASSIFIERS, *MVIT_CLASSIFIERS)
+# "plain": the non-reversible model of the same layout (the paper's baseline); then the
+# reversible model in each backprop mode.
+CLASSIFIER_MODES = ("plain", *MODES)
+# The paper's per-image memory in MB, plain -> reversible (its table of ImageNet memory; ViT-Ti
+# is not in it).
+PAPER_MB_PER_IMAGE = {
+    "vit_s": (66.5, 8.8),
+    "vit_b": (129.7, 17.0),
+    "vit_l": (349.3, 22.6),
+    "mvit_b": (153.6, 66.8),
+}
 
 
 class Classifier(nn.Module):
-    """A RevViT trunk at 224 with global average pooling and a linear head (the paper's setting).
+    """A trunk at 224 with global average pooling and a linear head (the paper's setting).
 
     Args:
-        embed_dim: width of each stream.
-        depth: number of reversible blocks (all global attention).
-        heads: attention heads.
-        backprop: "autograd", "checkpoint" or "reversible".
+        net: the trunk; ``net(images)[key]`` is its (B, channels, h, w) output.
+        key: the output to pool.
+        channels: its channels.
         num_classes: outputs of the linear head.
     """
 
-    def __init__(self, embed_dim: int, depth: int, heads: int, backprop: str, num_classes=1000):
+    def __init__(self, net: nn.Module, key: str, channels: int, num_classes: int = 1000):
         super().__init__()
-        self.net = RevViT(
-            img_size=224,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=heads,
-            drop_path_rate=0.1,
-            pretrain_img_size=224,
-            backprop=backprop,
-        )
-        self.head = nn.Linear(2 * embed_dim, num_classes)
+        self.net, self.key = net, key
+        self.head = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.net(x)["last_feat"].mean(dim=(2, 3)))
+        return self.head(self.net(x)[self.key].mean(dim=(2, 3)))
+
+
+def build_classifier(name: str, mode: str) -> Classifier:
+    """The classifier ``name`` (one of :data:`CLASSIFIERS`) in ``mode`` (one of
+    :data:`CLASSIFIER_MODES`: "plain" is the non-reversible model of the same layout)."""
+    if name in VIT_CLASSIFIERS:
+        width, depth, heads = VIT_CLASSIFIERS[name]
+        args = dict(img_size=224, embed_dim=width, depth=depth, num_heads=heads)
+        args.update(drop_path_rate=0.1, pretrain_img_size=224)
+        if mode == "plain":
+            return Classifier(PlainViT(**args), "last_feat", width)
+        return Classifier(RevViT(**args, backprop=mode), "last_feat", 2 * width)
+    size = MVIT_CLASSIFIERS[name]
+    if mode == "plain":
+        return Classifier(PlainMViT(size), "scale5", 8 * REVMVIT_SIZES[size]["embed_dim"])
+    net = RevMViT(
+        **REVMVIT_SIZES[size],
+        # The official configuration (PySlowFast REV_MVIT_B_16_CONV), the classifier's output only.
+        use_abs_pos=True,
+        use_rel_pos=False,
+        residual_pooling=False,
+        adaptive_window_size=0,
+        pretrain_use_cls_token=False,
+        backprop=mode,
+        out_features=("scale5",),
+    )
+    return Classifier(net, "scale5", 16 * REVMVIT_SIZES[size]["embed_dim"])
 
 
 def _forward(model, images, labels, amp: bool):
@@ -67,9 +107,9 @@ def _forward(model, images, labels, amp: bool):
 def _run(args, results, det: Detection):
     rows = []
     for name in args.classifiers:
-        for mode in MODES:
+        for mode in CLASSIFIER_MODES:
             torch.manual_seed(0)
-            model = Classifier(*CLASSIFIERS[name], backprop=mode).to(args.device).train()
+            model = build_classifier(name, mode).to(args.device).train()
             for batch in sorted(args.cls_batches):
                 images = torch.randn(batch, 3, 224, 224, device=args.device)
                 labels = torch.randint(0, 1000, (batch,), device=args.device)
@@ -110,16 +150,16 @@ def _report(args, results) -> List[str]:
     for name in args.classifiers:
         at = {(r["backprop"], r["batch"]): r for r in rows if r["model"] == name and r["measured"]}
         for batch in sorted(args.cls_batches):
-            if ("autograd", batch) in at and ("reversible", batch) in at:
-                a, r = at[("autograd", batch)]["per_image"], at[("reversible", batch)]["per_image"]
+            if ("plain", batch) in at and ("reversible", batch) in at:
+                a, r = at[("plain", batch)]["per_image"], at[("reversible", batch)]["per_image"]
                 notes.append(
-                    f"{name}, batch {batch}: {a:.1f} -> {r:.1f} MiB per image, "
-                    f"reversible {a / r:.2f}x lower than autograd"
+                    f"{name}, batch {batch}: plain {a:.1f} -> reversible {r:.1f} MiB per image, "
+                    f"{a / r:.2f}x lower"
                 )
-        if (name, "autograd") in marginal and (name, "reversible") in marginal:
-            a, r = marginal[(name, "autograd")], marginal[(name, "reversible")]
+        if (name, "plain") in marginal and (name, "reversible") in marginal:
+            a, r = marginal[(name, "plain")], marginal[(name, "reversible")]
             notes.append(
-                f"{name}, marginal (per added image; batches {a[2]}->{a[3]} for autograd, "
+                f"{name}, marginal (per added image; batches {a[2]}->{a[3]} for plain, "
                 f"{r[2]}->{r[3]} for reversible): {a[0]:.1f} -> {r[0]:.1f} MiB, {a[0] / r[0]:.2f}x;"
                 f" batch-independent part {a[1]:.1f} and {r[1]:.1f} MiB"
             )
@@ -136,10 +176,11 @@ def _report(args, results) -> List[str]:
 
 CLASSIFICATION = Section(
     name="classification",
-    what="The paper's setting: per-image training memory of ViT-sized reversible trunks with "
-    "global average pooling and a linear head at 224x224 (``--classifiers``), at each of "
-    "``--cls-batches``, the marginal memory per added image between the two largest batches, "
-    "and the paper's per-image figures beside them.",
+    what="The paper's setting: per-image training memory of reversible trunks (ViT sizes, the "
+    "paper's Rev-MViT-B) with global average pooling and a linear head at 224x224 "
+    "(``--classifiers``), in every backprop mode and as the non-reversible model of the same "
+    "layout (``plain``, the paper's baseline), at each of ``--cls-batches``, the marginal memory "
+    "per added image between the two largest batches, and the paper's per-image figures.",
     run=_run,
     report=_report,
     detector=False,
