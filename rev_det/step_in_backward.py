@@ -1,8 +1,8 @@
 """The optimizer step inside backward: each parameter is updated as soon as its gradient is
 complete, and that gradient is freed at once.
 
-A training step normally holds every parameter's gradient between backward and ``step()``: for
-ViT-H, 2.4 GiB on top of the parameters and AdamW's moments. Here the step of a parameter runs
+A training step normally holds every parameter's gradient between backward and ``step()``: as
+many bytes as the parameters, on top of them and AdamW's moments. Here the step of a parameter runs
 in backward, from a post-accumulate-grad hook (PyTorch's ``register_post_accumulate_grad_hook``),
 so at most the gradients of the parameters still being back-propagated are alive::
 

@@ -167,7 +167,7 @@ def tokens_from_map(x: torch.Tensor) -> torch.Tensor:
     Dense, not a permuted view: the reversible streams take their strides from the tokens
     through every coupling (an element-wise result takes its first input's layout), and
     channels-first strides would make every LayerNorm and Linear of every block copy its input
-    (RevViT-B's reversible blocks, forward and backward, 2.6% slower on CPU so). No copy for a
+    (measurably slower reversible blocks on CPU). No copy for a
     channels-last map (a pooling of a token grid's channels-last view).
     """
     return x.permute(0, 2, 3, 1).contiguous()

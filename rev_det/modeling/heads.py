@@ -2,9 +2,9 @@
 and outputs between forward and backward (``MODEL.REV.RECOMPUTE_HEADS``).
 
 Once the trunk and pyramid are reversible, the heads hold most of what a Mask R-CNN step keeps
-for backward: for RevViT-B at 1024x1024 the RPN head's convolutions on p2-p6 keep 171 MiB, the
-box head's four convolutions and norms on 512 sampled regions 199 MiB, the trunk and pyramid
-together 110 MiB (``docs/whole_step.md``). Each head here runs through
+for backward: the RPN head's convolutions on p2-p6 and the box head's four convolutions and
+norms on 512 sampled regions each keep more than the trunk and pyramid together (measured in
+``docs/whole_step.md``, "Where the rest goes"). Each head here runs through
 ``torch.utils.checkpoint`` (non-reentrant): its input (a pyramid level, the pooled regions) is
 kept, and its hidden activations are computed again in backward. Gradients are autograd's: the
 same operations run again on the same inputs (the heads draw no random numbers).

@@ -329,8 +329,8 @@ class _Level(nn.Module):
 
         ViTDet's deconvolutions run channels-first (they are slower on CPU fed channels-last);
         the projection, its norm and the coupling blocks (:meth:`couple`) run channels-last:
-        the blocks' 3x3 convolutions take most of the pyramid's time, and on CPU the level's
-        forward + backward is 12-15% faster so (the norms keep the layout, see LayerNorm2d).
+        the blocks' 3x3 convolutions take most of the pyramid's time, and on CPU they run faster
+        so (the norms keep the layout, see LayerNorm2d).
         Converting the map before the projection, where it is narrowest at p2 (W/4 channels),
         spares the D-channel map three layout copies (the norm's input and output and the
         couplings' input) in forward and again in the recomputation.

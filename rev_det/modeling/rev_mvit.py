@@ -135,10 +135,8 @@ def _fold_pays(q_hw: Tuple[int, int], k_hw: Tuple[int, int]) -> bool:
     kh + kw columns to q, k and (padded) v instead. Fold when the explicit bias would be the
     larger of the two: MViT's pooled keys keep kh + kw small (28 to 32 at 1024x1024 input,
     against a head dim of 96), so every block of a full-size model folds, while tiny grids,
-    where the bias is negligible, keep it explicit and skip the wider matmuls. Measured on CPU
-    (fp32, forward + backward of one MViTv2-B attention at 1024x1024 input), explicit -> folded:
-    stage-2 windows 371 -> 306 MiB and 1.3 -> 0.6 s; stage-3 global 474 -> 162 MiB and
-    1.0 -> 0.8 s; stage-4 windows 124 -> 123 MiB, same time.
+    where the bias is negligible, keep it explicit and skip the wider matmuls (measured:
+    ``docs/models.md``, RevMViT).
     """
     nq, nk = q_hw[0] * q_hw[1], k_hw[0] * k_hw[1]
     return nq * nk > (nq + 2 * nk) * (k_hw[0] + k_hw[1])
@@ -661,7 +659,7 @@ class RevMViT(Backbone, BackpropModule):
     def _transition(self, block: StageTransitionBlock, x: torch.Tensor) -> torch.Tensor:
         # A transition is not invertible, but its input (the fused stage output) is kept
         # anyway, so recomputing it in backward costs no memory: stored, the transitions
-        # would hold most of the trunk's activations (83% at 256x256 for RevMViT-B).
+        # would hold most of the trunk's activations (docs/models.md).
         return run_recomputed(self.recomputes(), block, x)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
