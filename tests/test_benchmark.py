@@ -116,7 +116,7 @@ def test_depth_override_keeps_a_named_sizes_attention_layout():
     assert sized["embed_dim"] == 768
 
     class Det:
-        args = type("Args", (), {"size": 64, "device": "cpu"})
+        options = type("Options", (), {"size": 64, "device": "cpu"})
 
         @staticmethod
         def cfg(backprop, pyramid):
@@ -203,6 +203,20 @@ def test_every_section_of_the_registry_is_offered_and_described(capsys):
     text = capsys.readouterr().out
     for name in SECTIONS:
         assert text.count(f"\n{name}\n    ") == 1, name
+
+
+def test_the_library_takes_options_with_the_command_lines_defaults():
+    from rev_det.benchmark import BenchmarkOptions
+
+    options = BenchmarkOptions(device="cpu", sections=["whole_step"])
+    assert options.out.endswith(os.path.join("benchmarks", "rev_vit_b_1024_cpu"))
+    assert options.budget_gib > 0 and options.size == 1024 and options.vitdet
+    # Flags not given take the options' defaults: one place for them.
+    assert cli.parse_args(["--device", "cpu", "--sections", "whole_step"]) == options
+    with pytest.raises(ValueError, match="unknown sections"):
+        BenchmarkOptions(sections=["memory"])
+    with pytest.raises(ValueError, match="warmup and repeats"):
+        BenchmarkOptions(warmup=0)
 
 
 def test_speed_arguments_are_checked():

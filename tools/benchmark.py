@@ -41,41 +41,34 @@ Examples::
 """
 
 import argparse
-import os
 import sys
 
-import torch
-
-from rev_det.benchmark import BACKBONES, SECTIONS, GiB, describe_sections, run
+from rev_det.benchmark import BACKBONES, SECTIONS, BenchmarkOptions, describe_sections, run
 from rev_det.benchmark.sections.classification import CLASSIFIERS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    """The parsed command line, with the defaults that depend on the device filled in."""
+def parse_args(argv=None) -> BenchmarkOptions:
+    """The benchmark options of the command line ``argv`` (default ``sys.argv``)."""
     parser = argparse.ArgumentParser(
         # Each section describes itself where it is defined (rev_det.benchmark.sections).
         description=__doc__.format(sections=describe_sections()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
     add = parser.add_argument
     add(
         "--backbone",
         choices=sorted(BACKBONES),
-        default="rev_vit_b",
         help="detector: configs/COCO/mask_rcnn_<backbone>.yaml (default rev_vit_b)",
     )
     add(
         "--size",
         type=int,
-        default=1024,
         help="square input size of the detection, depth and speed sections (default 1024)",
     )
     add(
         "--batch",
         type=int,
-        default=1,
         help="images per step in the detection, depth, resolution and speed sections",
     )
     add(
@@ -89,13 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--depths",
         type=int,
         nargs="+",
-        default=[6, 12, 24, 48],
         help="depths of the depth section (default 6 12 24 48)",
     )
     add(
         "--depth-scope",
         choices=["trunk", "step"],
-        default="trunk",
         help="depth section: the RevViT trunk alone (default) or the full Mask R-CNN step",
     )
     add(
@@ -109,21 +100,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--sizes",
         type=int,
         nargs="+",
-        default=[256, 512, 768, 1024],
         help="input sizes of the resolution section (default 256 512 768 1024)",
     )
     add(
         "--classifiers",
         nargs="+",
         choices=sorted(CLASSIFIERS),
-        default=["vit_b", "vit_l"],
         help="trunks of the classification section (default vit_b vit_l)",
     )
     add(
         "--cls-batches",
         type=int,
         nargs="+",
-        default=[4, 16, 64],
         help="batches of the classification section (default 4 16 64)",
     )
     add(
@@ -137,29 +125,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--speed-batches",
         type=int,
         nargs="+",
-        default=[1],
         help="speed section: the batches timed (default 1)",
     )
-    add(
-        "--repeats", type=int, default=5, help="speed section: timed steps per detector (default 5)"
-    )
+    add("--repeats", type=int, help="speed section: timed steps per detector (default 5)")
     add(
         "--warmup",
         type=int,
-        default=2,
         help="speed section: untimed steps per detector first, at least 1 (default 2)",
     )
     add(
         "--max-batch",
         type=int,
-        default=512,
         help="speed section (CUDA): upper limit of the largest-batch search, 0 for none "
         "(default 512)",
     )
     add(
         "--budget-gib",
         type=float,
-        default=None,
         help="skip a measurement predicted to need more tensor memory (parameters + peak) "
         "than this many GiB; default on CPU half the machine's RAM, on CUDA none",
     )
@@ -172,7 +154,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     add(
         "--whole-step-rounds",
         type=int,
-        default=0,
         help="whole_step section: also time this many paired rounds of an iteration stepping "
         "after backward and one stepping inside it (both models held at once; default 0: "
         "memory only)",
@@ -181,32 +162,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     add(
         "--device",
         choices=["cpu", "cuda"],
-        default="cuda" if torch.cuda.is_available() else "cpu",
         help="default: cuda if available",
     )
-    add("--opts", nargs="+", default=[], help="KEY VALUE ... overrides of the detector config")
+    add("--opts", nargs="+", help="KEY VALUE ... overrides of the detector config")
     add("--out", help="output folder (default benchmarks/<backbone>_<size>_<device>)")
+    # Flags not given are left out, so that the options' own defaults apply (one place).
     args = parser.parse_args(argv)
-    if args.sections is None:
-        args.sections = ["detection", "depth", "classification"]
-        args.sections += ["speed"] if args.device == "cuda" else []
-    if args.warmup < 1 or args.repeats < 1:
-        parser.error(
-            "--warmup and --repeats must be at least 1 (the first warm-up step measures "
-            "the peak memory)"
-        )
-    if args.out is None:
-        args.out = os.path.join(ROOT, "benchmarks", f"{args.backbone}_{args.size}_{args.device}")
-    if args.budget_gib is None and args.device == "cpu":
-        args.budget_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB / 2
-    return args
+    try:
+        return BenchmarkOptions(**vars(args))
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def main(argv=None) -> dict:
     """Run the benchmark of the command line ``argv`` (default ``sys.argv``); its results."""
-    args = parse_args(argv)
+    options = parse_args(argv)
     command = ["python", "tools/benchmark.py"] + (argv if argv is not None else sys.argv[1:])
-    return run(args, " ".join(command))
+    return run(options, " ".join(command))
 
 
 if __name__ == "__main__":

@@ -32,12 +32,14 @@ from .measure import (
     param_mib,
     timed,
 )
+from .options import BenchmarkOptions
 from .run import run, write_report
 from .sections import SECTIONS, Section, describe_sections
 from .vitdet import HAS_VITDET, vitdet_backbone, vitdet_detector, vitdet_pyramid
 
 __all__ = [
     "BACKBONES",
+    "BenchmarkOptions",
     "Detection",
     "GiB",
     "HAS_VITDET",

@@ -200,18 +200,18 @@ class Detection:
     """Mask R-CNN training steps of one backbone; the sections share measurements and budget.
 
     Args:
-        args: the parsed command line of ``tools/benchmark.py``.
+        options: the run's :class:`~rev_det.benchmark.BenchmarkOptions`.
         budget: the :class:`MemoryBudget` of the run.
     """
 
-    def __init__(self, args, budget: MemoryBudget):
-        self.args = args
+    def __init__(self, options, budget: MemoryBudget):
+        self.options = options
         self.budget = budget
-        self.vit = args.backbone.startswith("rev_vit")
+        self.vit = options.backbone.startswith("rev_vit")
         # RevViTDet, ViTDet's ViT as a surrogate, in ViTDet's pyramid (its main rows) or rev_det's
         # reversible one; its reversible rows are its reversible phase (the coupling at
         # REVERSIBLE_AT), its checkpoint rows the phase before.
-        self.surrogate = args.backbone.startswith("rev_vitdet")
+        self.surrogate = options.backbone.startswith("rev_vitdet")
         self.baseline = "simple" if self.vit else "fpn"
         if self.surrogate:
             self.pairs = [
@@ -244,20 +244,20 @@ class Detection:
 
     def _select(self, pairs: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
         """``pairs`` restricted to ``--pairs`` (all without it)."""
-        if not self.args.pairs:
+        if not self.options.pairs:
             return pairs
-        chosen = [tuple(p.split("/")) for p in self.args.pairs]
+        chosen = [tuple(p.split("/")) for p in self.options.pairs]
         unknown = [f"{b}/{p}" for b, p in chosen if (b, p) not in self.pairs]
         if unknown:
             raise SystemExit(
                 f"--pairs {' '.join(unknown)}: not a (backprop/pyramid) pair measured for "
-                f"{self.args.backbone}; choose from {' '.join(f'{b}/{p}' for b, p in self.pairs)}"
+                f"{self.options.backbone}; choose from {' '.join(f'{b}/{p}' for b, p in self.pairs)}"
             )
         return [p for p in pairs if p in chosen]
 
     def cfg(self, backprop: str, pyramid: str, depth: Optional[int] = None):
         """The run's detector config (:func:`detector_cfg`) with this backprop and pyramid."""
-        a = self.args
+        a = self.options
         opts = list(a.opts)
         if self.surrogate and backprop == "reversible":
             alpha, beta = REVERSIBLE_AT
@@ -277,7 +277,7 @@ class Detection:
         cfg = self.cfg(backprop, pyramid, depth if depth != self.depth else None)
         torch.manual_seed(0)
         model = build_detector(cfg).train()
-        data = config_batch(cfg, size, self.args.batch)
+        data = config_batch(cfg, size, self.options.batch)
         what = f"{backprop}/{pyramid} at {size}, depth {depth}"
         if row is None:
             row = dict(backprop=backprop, pyramid=pyramid, size=size, depth=depth)
@@ -285,8 +285,8 @@ class Detection:
             # Depth first: along depth the prediction of stored activations is exact.
             points = [(("depth", backprop, pyramid, size), depth)]
             points.append((("size", backprop, pyramid, depth), size * size))
-            forward = detection_forward(model, data, self.args.amp)
-            run = partial(measure, forward, model.parameters(), self.args.device)
+            forward = detection_forward(model, data, self.options.amp)
+            run = partial(measure, forward, model.parameters(), self.options.device)
             full = budgeted(self.budget, points, row["params"], what, run)
             row["measured"] = full.pop("measured")
             row["predicted_along"] = full.pop("predicted_along", None)
@@ -296,7 +296,7 @@ class Detection:
             self._rows[key] = row
         if backbone and row["measured"]:
             images = model.preprocess_image(data).tensor
-            forward = backbone_forward(model.backbone, images, self.args.amp, keep_features=True)
-            mem = measure(forward, model.backbone.parameters(), self.args.device)
+            forward = backbone_forward(model.backbone, images, self.options.amp, keep_features=True)
+            mem = measure(forward, model.backbone.parameters(), self.options.device)
             row.update({f"backbone_{k}": v for k, v in mem.items()})
         return row

@@ -79,13 +79,13 @@ def _breakdown(model, forward) -> Dict[str, object]:
     }
 
 
-def _run(args, results, det: Detection):
+def _run(options, results, det: Detection):
     backprop, pyramid = det.main_runs()[-1]
     cfg = det.cfg(backprop, pyramid)
     torch.manual_seed(0)
     model = build_detector(cfg).train()
-    batch = config_batch(cfg, args.size, args.batch)
-    found = _breakdown(model, detection_forward(model, batch, args.amp))
+    batch = config_batch(cfg, options.size, options.batch)
+    found = _breakdown(model, detection_forward(model, batch, options.amp))
     rows: List[Dict[str, object]] = [
         dict(part=part, kept=found["kept"][part], transient=found["transient"][part])
         for part in PARTS
@@ -100,7 +100,7 @@ def _run(args, results, det: Detection):
     }
 
 
-def _report(args, results) -> List[str]:
+def _report(options, results) -> List[str]:
     found = results["breakdown"]
     notes = [
         "kept: MiB alive after the part's forward less before it (its output and what autograd "

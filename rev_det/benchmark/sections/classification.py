@@ -74,11 +74,11 @@ def build_classifier(name: str, mode: str) -> Classifier:
     :data:`CLASSIFIER_MODES`: "plain" is the non-reversible model of the same layout)."""
     if name in VIT_CLASSIFIERS:
         width, depth, heads = VIT_CLASSIFIERS[name]
-        args = dict(img_size=224, embed_dim=width, depth=depth, num_heads=heads)
-        args.update(drop_path_rate=0.1, pretrain_img_size=224)
+        kwargs = dict(img_size=224, embed_dim=width, depth=depth, num_heads=heads)
+        kwargs.update(drop_path_rate=0.1, pretrain_img_size=224)
         if mode == "plain":
-            return Classifier(PlainViT(**args), "last_feat", width)
-        return Classifier(RevViT(**args, backprop=mode), "last_feat", 2 * width)
+            return Classifier(PlainViT(**kwargs), "last_feat", width)
+        return Classifier(RevViT(**kwargs, backprop=mode), "last_feat", 2 * width)
     size = MVIT_CLASSIFIERS[name]
     if mode == "plain":
         return Classifier(PlainMViT(size), "scale5", 8 * REVMVIT_SIZES[size]["embed_dim"])
@@ -104,18 +104,18 @@ def _forward(model, images, labels, amp: bool):
     return forward
 
 
-def _run(args, results, det: Detection):
+def _run(options, results, det: Detection):
     rows = []
-    for name in args.classifiers:
+    for name in options.classifiers:
         for mode in CLASSIFIER_MODES:
             torch.manual_seed(0)
-            model = build_classifier(name, mode).to(args.device).train()
-            for batch in sorted(args.cls_batches):
-                images = torch.randn(batch, 3, 224, 224, device=args.device)
-                labels = torch.randint(0, 1000, (batch,), device=args.device)
+            model = build_classifier(name, mode).to(options.device).train()
+            for batch in sorted(options.cls_batches):
+                images = torch.randn(batch, 3, 224, 224, device=options.device)
+                labels = torch.randint(0, 1000, (batch,), device=options.device)
                 row = dict(model=name, backprop=mode, batch=batch, params=param_mib(model))
-                forward = _forward(model, images, labels, args.amp)
-                run = partial(measure, forward, model.parameters(), args.device)
+                forward = _forward(model, images, labels, options.amp)
+                run = partial(measure, forward, model.parameters(), options.device)
                 points = [(("classification", name, mode), batch)]
                 what = f"classification {name} {mode} batch {batch}"
                 row.update(budgeted(det.budget, points, row["params"], what, run))
@@ -143,13 +143,13 @@ def marginal_per_image(rows: List[Row]) -> Dict[Tuple[str, str], Tuple[float, fl
     return out
 
 
-def _report(args, results) -> List[str]:
+def _report(options, results) -> List[str]:
     rows = results["classification"]
     marginal = marginal_per_image(rows)
     notes = []
-    for name in args.classifiers:
+    for name in options.classifiers:
         at = {(r["backprop"], r["batch"]): r for r in rows if r["model"] == name and r["measured"]}
-        for batch in sorted(args.cls_batches):
+        for batch in sorted(options.cls_batches):
             if ("plain", batch) in at and ("reversible", batch) in at:
                 a, r = at[("plain", batch)]["per_image"], at[("reversible", batch)]["per_image"]
                 notes.append(
@@ -166,7 +166,7 @@ def _report(args, results) -> List[str]:
         if name in PAPER_MB_PER_IMAGE:
             plain, rev = PAPER_MB_PER_IMAGE[name]
             notes.append(f"{name}, paper: {plain} -> {rev} MB per image, {plain / rev:.1f}x")
-    path = os.path.join(args.out, "memory_per_image_vs_batch.png")
+    path = os.path.join(options.out, "memory_per_image_vs_batch.png")
     labels = ("batch", "activations per image (MiB)")
     notes.append(plot(rows, "batch", "per_image", ("model", "backprop"), labels, path, log="xy"))
     columns = ["model", "backprop", "batch", "params", "peak", "activations", "stored"]

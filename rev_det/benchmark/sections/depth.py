@@ -21,7 +21,7 @@ def trunk_model(det: Detection, depth: int, backprop: str) -> RevViT:
     """A RevViT trunk of the configured width and attention layout, with ``depth`` blocks."""
     c = vit_trunk_args(det.cfg(backprop, "reversible"))
     return RevViT(
-        img_size=det.args.size,
+        img_size=det.options.size,
         embed_dim=c["embed_dim"],
         depth=depth,
         num_heads=c["num_heads"],
@@ -30,31 +30,33 @@ def trunk_model(det: Detection, depth: int, backprop: str) -> RevViT:
         window_block_indexes=window_blocks_at(depth, c),
         pretrain_img_size=c["pretrain_img_size"],
         backprop=backprop,
-    ).to(det.args.device)
+    ).to(det.options.device)
 
 
-def _run(args, results, det: Detection):
+def _run(options, results, det: Detection):
     if not det.vit:
         raise SystemExit("--sections depth is implemented for RevViT backbones only.")
     rows = []
-    if args.depth_scope == "step":
+    if options.depth_scope == "step":
         for backprop, pyramid in det.runs():
-            for depth in sorted(args.depths):
-                row = dict(det.step(backprop, pyramid, args.size, depth, backbone=False))
+            for depth in sorted(options.depths):
+                row = dict(det.step(backprop, pyramid, options.size, depth, backbone=False))
                 # The depth table's columns are the step's.
                 for key in ("peak", "predicted_peak", "activations", "stored"):
                     row[key] = row.get(f"step_{key}")
                 rows.append(row)
     else:
         for mode in MODES:
-            for depth in sorted(args.depths):
+            for depth in sorted(options.depths):
                 torch.manual_seed(0)
                 model = trunk_model(det, depth, mode).train()
-                images = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+                images = torch.randn(
+                    options.batch, 3, options.size, options.size, device=options.device
+                )
                 row = dict(backprop=mode, pyramid="none", depth=depth, params=param_mib(model))
-                forward = backbone_forward(model, images, args.amp)
-                run = partial(measure, forward, model.parameters(), args.device)
-                points = [(("trunk", mode, args.size), depth)]
+                forward = backbone_forward(model, images, options.amp)
+                run = partial(measure, forward, model.parameters(), options.device)
+                points = [(("trunk", mode, options.size), depth)]
                 what = f"trunk {mode} depth {depth}"
                 row.update(budgeted(det.budget, points, row["params"], what, run))
                 if row["measured"]:
@@ -85,16 +87,16 @@ def depth_fits(rows: List[Row], key: str, target_depth: int) -> List[str]:
     return notes
 
 
-def _report(args, results) -> List[str]:
+def _report(options, results) -> List[str]:
     rows = results["depth"]
-    trunk = args.depth_scope == "trunk"
+    trunk = options.depth_scope == "trunk"
     key = "activations" if trunk else "peak"
     notes = depth_fits(rows, key, results["model_depth"])
     ylabel = "trunk activations (MiB)" if trunk else "training-step peak (MiB)"
-    path = os.path.join(args.out, "memory_vs_depth.png")
+    path = os.path.join(options.out, "memory_vs_depth.png")
     notes.append(plot(rows, "depth", key, ("backprop", "pyramid"), ("depth", ylabel), path))
     scope = "RevViT trunk alone" if trunk else "full Mask R-CNN step"
-    title = f"Memory against depth ({scope}, {args.size}x{args.size})"
+    title = f"Memory against depth ({scope}, {options.size}x{options.size})"
     columns = ["backprop", "pyramid", "depth", "params", "peak", "activations", "stored"]
     return markdown_section(title, rows, columns, notes)
 

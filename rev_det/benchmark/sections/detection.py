@@ -17,9 +17,9 @@ def _peak(row: Row) -> float:
     return row["step_peak"] if row["measured"] else row["step_predicted_peak"]
 
 
-def _run_detection(args, results, det: Detection):
-    backbone = not args.step_only
-    rows = [det.step(b, p, args.size, det.depth, backbone) for b, p in det.runs()]
+def _run_detection(options, results, det: Detection):
+    backbone = not options.step_only
+    rows = [det.step(b, p, options.size, det.depth, backbone) for b, p in det.runs()]
     base = next((r for r in rows if (r["backprop"], r["pyramid"]) == det.pairs[0]), None)
     for r in rows:
         if base is not None:
@@ -28,7 +28,7 @@ def _run_detection(args, results, det: Detection):
     results["detection"] = rows
 
 
-def _report_detection(args, results) -> List[str]:
+def _report_detection(options, results) -> List[str]:
     rows = results["detection"]
     columns = ["backprop", "pyramid", "params", "step_peak", "step_activations", "step_grads"]
     columns += ["step_stored"]
@@ -46,24 +46,24 @@ def _report_detection(args, results) -> List[str]:
             f"detector along {' and '.join(along)}; along depth this is exact for stored "
             "activations (see the depth section's slopes per block)"
         )
-    title = f"One Mask R-CNN training step at {args.size}x{args.size}"
+    title = f"One Mask R-CNN training step at {options.size}x{options.size}"
     return markdown_section(title, rows, columns, notes)
 
 
-def _run_resolution(args, results, det: Detection):
+def _run_resolution(options, results, det: Detection):
     rows = []
     for backprop, pyramid in det.main_runs():
-        for size in sorted(args.sizes):
+        for size in sorted(options.sizes):
             rows.append(det.step(backprop, pyramid, size, det.depth, backbone=False))
     results["resolution"] = rows
 
 
-def _report_resolution(args, results) -> List[str]:
+def _report_resolution(options, results) -> List[str]:
     rows = results["resolution"]
-    path = os.path.join(args.out, "memory_vs_resolution.png")
+    path = os.path.join(options.out, "memory_vs_resolution.png")
     labels = ("input size (pixels, square)", "training-step peak (MiB)")
     notes = [plot(rows, "size", "step_peak", ("backprop", "pyramid"), labels, path)]
-    for size in sorted(args.sizes):
+    for size in sorted(options.sizes):
         at = {r["backprop"]: r for r in rows if r["size"] == size and r["measured"]}
         if "autograd" in at and "reversible" in at:
             ratio = at["autograd"]["step_peak"] / at["reversible"]["step_peak"]

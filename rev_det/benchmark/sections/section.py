@@ -14,10 +14,10 @@ class Section:
     Attributes:
         name: its name in ``--sections`` and its key in ``results.json``.
         what: what it measures, as the command line's help describes it.
-        run: ``run(args, results, det)`` measures (``det``: the run's
+        run: ``run(options, results, det)`` measures (``det``: the run's
             :class:`~rev_det.benchmark.detectors.Detection`, which holds the memory budget) and
             stores its rows in ``results[name]``.
-        report: ``report(args, results)``: its lines of ``results.md`` (tables, notes) and
+        report: ``report(options, results)``: its lines of ``results.md`` (tables, notes) and
             its plots.
         detector: whether it measures the ``--backbone`` detector (the report then names it).
     """

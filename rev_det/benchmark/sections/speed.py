@@ -65,7 +65,7 @@ class SpeedRun:
         return training_step(self.forward(data), self.model)
 
 
-def _vitdet_runs(args, det: Detection) -> List[SpeedRun]:
+def _vitdet_runs(options, det: Detection) -> List[SpeedRun]:
     """ViTDet-B Mask R-CNN with autograd and with activation checkpointing: rev_det's detector
     (same RPN and heads) with its backbone replaced by Detectron2's own; empty on Detectron2
     v0.6 (a line says so)."""
@@ -77,8 +77,10 @@ def _vitdet_runs(args, det: Detection) -> List[SpeedRun]:
     runs = []
     for backprop in ("autograd", "checkpoint"):
         torch.manual_seed(0)
-        model = vitdet_detector(det.cfg("autograd", "simple"), backprop == "checkpoint", args.size)
-        runs.append(SpeedRun(backprop, VITDET, model.train(), args.amp))
+        model = vitdet_detector(
+            det.cfg("autograd", "simple"), backprop == "checkpoint", options.size
+        )
+        runs.append(SpeedRun(backprop, VITDET, model.train(), options.amp))
     return runs
 
 
@@ -102,33 +104,33 @@ def _vs_checkpointed_vitdet(rows: List[Row]) -> Optional[List[Row]]:
     ]
 
 
-def _run(args, results, det: Detection):
+def _run(options, results, det: Detection):
     """Step times of the main detectors at each of ``--speed-batches``, interleaved (one step of
     each detector in turn, ``--repeats`` times, after ``--warmup`` steps of each, the first of
     which measures the step's peak memory), so that a machine that slows down or speeds up during
     the run slows every detector alike; on CUDA also the largest batch of each."""
     cfg = det.cfg("reversible", "reversible")
     num_classes, objects = cfg.MODEL.ROI_HEADS.NUM_CLASSES, saturating_objects(cfg)
-    runs = _vitdet_runs(args, det) if args.vitdet else []
-    for backprop, pyramid, parallel in speed_runs(det.main_runs(), args.device):
+    runs = _vitdet_runs(options, det) if options.vitdet else []
+    for backprop, pyramid, parallel in speed_runs(det.main_runs(), options.device):
         torch.manual_seed(0)
         cfg = det.cfg(backprop, pyramid)
         cfg.MODEL.REV.PARALLEL_BACKWARD = parallel
         label = backprop + (" (parallel)" if parallel else "")
-        runs.append(SpeedRun(label, pyramid, build_detector(cfg).train(), args.amp))
+        runs.append(SpeedRun(label, pyramid, build_detector(cfg).train(), options.amp))
     # Filled in as measured, so that an interrupted run reports the batches it finished.
     rows = results["speed"] = []
-    for batch in args.speed_batches:
-        data = synthetic_batch(args.size, batch, num_classes, args.device, objects)
+    for batch in options.speed_batches:
+        data = synthetic_batch(options.size, batch, num_classes, options.device, objects)
         steps, peaks = [], []
         for run in runs:
-            peaks.append(measure(run.forward(data), run.model.parameters(), args.device)["peak"])
+            peaks.append(measure(run.forward(data), run.model.parameters(), options.device)["peak"])
             steps.append(run.step(data))
-            for _ in range(args.warmup - 1):
+            for _ in range(options.warmup - 1):
                 steps[-1]()
         kernel = [[] for _ in runs]
         steps = [kernel_work(step, record) for step, record in zip(steps, kernel)]
-        times = interleaved_times(steps, args.repeats, args.device)
+        times = interleaved_times(steps, options.repeats, options.device)
         for run, peak, seconds, work in zip(runs, peaks, times, kernel):
             median, ratio = statistics.median(seconds), paired_ratio(seconds, times[0])
             faults, system = zip(*work)
@@ -154,19 +156,19 @@ def _run(args, results, det: Detection):
                 flush=True,
             )
         del data, steps
-    if args.device == "cuda" and args.max_batch > 0:
+    if options.device == "cuda" and options.max_batch > 0:
         largest = results["largest_batch"] = []
         for run in runs:
-            largest.append(_largest_row(args, run, num_classes, objects))
+            largest.append(_largest_row(options, run, num_classes, objects))
 
 
-def _largest_row(args, run: SpeedRun, num_classes: int, objects: int) -> Row:
+def _largest_row(options, run: SpeedRun, num_classes: int, objects: int) -> Row:
     """The largest batch (at most ``--max-batch``) whose training step fits in the card's
     memory, and that step's peak memory."""
     peaks = {}
 
     def fits(batch):
-        data = synthetic_batch(args.size, batch, num_classes, "cuda", objects)
+        data = synthetic_batch(options.size, batch, num_classes, "cuda", objects)
         try:
             peaks[batch] = measure(run.forward(data), run.model.parameters(), "cuda")["peak"]
             return True
@@ -177,28 +179,28 @@ def _largest_row(args, run: SpeedRun, num_classes: int, objects: int) -> Row:
             run.model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
-    best, _ = largest_batch(fits, args.max_batch)
+    best, _ = largest_batch(fits, options.max_batch)
     print(f"  largest batch {run.label:21s} {run.pyramid:10s}: {best}", flush=True)
     return dict(
         backprop=run.label,
         pyramid=run.pyramid,
         largest=best,
         peak=peaks.get(best),
-        at_limit=best == args.max_batch,
+        at_limit=best == options.max_batch,
     )
 
 
-def _report(args, results) -> List[str]:
+def _report(options, results) -> List[str]:
     rows = results["speed"]
     notes = [
-        f"median of {args.repeats} steps per detector, interleaved, after {args.warmup} "
+        f"median of {options.repeats} steps per detector, interleaved, after {options.warmup} "
         "warm-up steps; vs_first = the median over the rounds of the step's time / the first "
         "row's in the same round (same batch); peak = the first warm-up step's; every image "
         "has as many objects as the ROI heads sample foreground proposals at most, so that all "
         "detectors' heads do the same work"
     ]
-    if len(args.speed_batches) > 1:
-        path = os.path.join(args.out, "throughput_vs_batch.png")
+    if len(options.speed_batches) > 1:
+        path = os.path.join(options.out, "throughput_vs_batch.png")
         labels = ("batch", "training images / s")
         keys = ("backprop", "pyramid")
         notes.append(plot(rows, "batch", "images_per_s", keys, labels, path, log="x"))
@@ -218,9 +220,9 @@ def _report(args, results) -> List[str]:
             "vs_vitdet_ckpt = the median over the rounds of the step's time / ViTDet's with "
             "activation checkpointing in the same round (same batch)"
         )
-    md = markdown_section(f"Speed at {args.size}x{args.size}", rows, columns, notes)
+    md = markdown_section(f"Speed at {options.size}x{options.size}", rows, columns, notes)
     if "largest_batch" in results:
-        notes = [f"doubling, then bisection, up to --max-batch {args.max_batch}"]
+        notes = [f"doubling, then bisection, up to --max-batch {options.max_batch}"]
         columns = ["backprop", "pyramid", "largest", "peak", "at_limit"]
         md += markdown_section("Largest batch that fits", results["largest_batch"], columns, notes)
     return md

@@ -81,24 +81,24 @@ def whole_step_memory(model, optimizer, forward: Callable[[], torch.Tensor], dev
     }
 
 
-def _detectors(args, det: Detection) -> List[Tuple[str, Tuple[str, str], Callable]]:
+def _detectors(options, det: Detection) -> List[Tuple[str, Tuple[str, str], Callable]]:
     """(label, (backprop, pyramid) of the config, build model from cfg) of the detectors
     measured: rev_det's main runs, and Detectron2's ViTDet (autograd, activation checkpointing)
     on the same config where it is installed."""
     runs = [(f"{b}/{p}", (b, p), build_detector) for b, p in det.main_runs()]
-    if args.vitdet and HAS_VITDET and det.vit and not det.surrogate:
+    if options.vitdet and HAS_VITDET and det.vit and not det.surrogate:
         for ckpt, label in ((False, "ViTDet"), (True, "ViTDet, act. ckpt")):
 
             def build(cfg, ckpt=ckpt):
-                return vitdet_detector(cfg, ckpt, args.size)
+                return vitdet_detector(cfg, ckpt, options.size)
 
             runs.append((label, ("autograd", "simple"), build))
     return runs
 
 
-def _run(args, results, det: Detection):
+def _run(options, results, det: Detection):
     rows = []
-    for label, pair, build in _detectors(args, det):
+    for label, pair, build in _detectors(options, det):
         iterations = []  # kept only to be timed
         for in_backward in (False, True):
             cfg = det.cfg(*pair).clone()
@@ -108,22 +108,22 @@ def _run(args, results, det: Detection):
             torch.manual_seed(0)
             model = build(cfg).train()
             optimizer = build_optimizer(cfg, model)
-            batch = config_batch(cfg, args.size, args.batch)
-            forward = detection_forward(model, batch, args.amp)
+            batch = config_batch(cfg, options.size, options.batch)
+            forward = detection_forward(model, batch, options.amp)
             row: Dict[str, object] = dict(detector=label, step_in_backward=in_backward)
             row["params"] = param_mib(model)
-            row.update(whole_step_memory(model, optimizer, forward, args.device))
+            row.update(whole_step_memory(model, optimizer, forward, options.device))
             print(
                 f"  {label}, step in backward {in_backward}: whole step "
                 f"{row['whole_step_peak']:9.1f} MiB",
                 flush=True,
             )
             rows.append(row)
-            if args.whole_step_rounds:
+            if options.whole_step_rounds:
                 iterations.append(training_iteration(optimizer, forward))
             del model, optimizer, forward
         if iterations:
-            after, inside = interleaved_times(iterations, args.whole_step_rounds, args.device)
+            after, inside = interleaved_times(iterations, options.whole_step_rounds, options.device)
             rows[-2]["seconds"] = statistics.median(after)
             rows[-1]["seconds"] = statistics.median(inside)
             rows[-2]["time_vs_after"] = 1.0  # the reference
@@ -131,7 +131,7 @@ def _run(args, results, det: Detection):
     results["whole_step"] = rows
 
 
-def _report(args, results) -> List[str]:
+def _report(options, results) -> List[str]:
     rows = results["whole_step"]
     columns = ["detector", "step_in_backward", "params", "optimizer_state", "step_peak"]
     columns += ["whole_step_peak"]
@@ -147,13 +147,13 @@ def _report(args, results) -> List[str]:
     if any("seconds" in r for r in rows):
         columns += ["seconds", "time_vs_after"]
         notes.append(
-            f"seconds: median of {args.whole_step_rounds} iterations timed in paired rounds (one "
+            f"seconds: median of {options.whole_step_rounds} iterations timed in paired rounds (one "
             "of each, then again); time_vs_after: the median over the rounds of the iteration's "
             "time inside backward over the one after it"
         )
     if not HAS_VITDET:
         notes.append("Detectron2's ViTDet rows need Detectron2 main (v0.6 has no ViTDet)")
-    title = f"Whole training step at {args.size}x{args.size}, batch {args.batch}"
+    title = f"Whole training step at {options.size}x{options.size}, batch {options.batch}"
     return markdown_section(title, rows, columns, notes)
 
 
