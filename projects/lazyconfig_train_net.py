@@ -9,13 +9,13 @@ Same flags as ``train_net.py``; overrides are ``a.b=c`` pairs. For example::
         --config-file configs/COCO/mask_rcnn_rev_vit_b_100ep.py --num-gpus 8
 
 The training loop and rev_det's additions to Detectron2's training are in
-:mod:`rev_det.trainer`.
+:mod:`rev_det.runs`.
 """
 
 from detectron2.engine import default_argument_parser, launch
 
 import rev_det  # noqa: F401  (registers backbones and datasets, also in launched workers)
-from rev_det.trainer import load_lazy_config, run_lazy
+from rev_det.runs import load_lazy_config, run_lazy
 
 
 def main(args):

@@ -10,7 +10,7 @@ The Detectron2 ``tools/train_net.py`` experience: ``--config-file``, ``--eval-on
     python projects/train_net.py --config-file configs/COCO/mask_rcnn_rev_vit_b.yaml \
         --num-gpus 8
 
-The trainer and rev_det's additions to Detectron2's training are in :mod:`rev_det.trainer`.
+The trainer and rev_det's additions to Detectron2's training are in :mod:`rev_det.runs`.
 """
 
 from detectron2.engine import default_argument_parser, launch
@@ -18,7 +18,7 @@ from detectron2.engine import default_argument_parser, launch
 # Workers started by `launch` import this file anew, so importing rev_det here registers its
 # backbones and datasets in every process.
 import rev_det  # noqa: F401
-from rev_det.trainer import Trainer, load_yacs_config
+from rev_det.runs import Trainer, load_yacs_config
 
 
 def main(args):

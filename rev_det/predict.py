@@ -37,7 +37,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
 from .checkpoint import AtomicCheckpointer, listed_keys
-from .trainer import Trainer, load_lazy_config, load_yacs_config
+from .runs import Trainer, load_lazy_config, load_yacs_config
 
 __all__ = ["Predictor", "collect_inputs", "main"]
 

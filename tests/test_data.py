@@ -1,4 +1,4 @@
-"""Tests of the embedded synthetic dataset revdet_shapes (rev_det/data/shapes.py)."""
+"""Tests of the embedded synthetic dataset revdet_shapes (rev_det/demo/shapes.py)."""
 
 import hashlib
 import json
@@ -25,8 +25,8 @@ from rev_det.data import (
     ensure_shapes_dataset,
     fixed_training_batch,
     register_shapes_datasets,
-    shapes,
 )
+from rev_det.demo import shapes
 
 CATEGORY_NAMES = ["circle", "triangle", "square", "star", "ellipse", "hexagon"]
 

@@ -9,7 +9,8 @@ import torch
 from detectron2.data import DatasetCatalog
 from helpers import DEMO_YAML, load_script, yacs_cfg
 
-from rev_det.data import SHAPES_TEST_DATASET, shapes
+from rev_det.data import SHAPES_TEST_DATASET
+from rev_det.demo import shapes
 
 parity = load_script("tools", "demo_parity")
 

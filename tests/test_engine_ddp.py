@@ -227,7 +227,7 @@ def test_entry_points_refuse_find_unused_parameters_at_start(one_process_group, 
     """As with more than one GPU, where Detectron2's create_ddp_model wraps the model."""
     from detectron2.config import LazyConfig
 
-    import rev_det.trainer
+    import rev_det.runs
     from rev_det.data import ensure_shapes_dataset
 
     ensure_shapes_dataset(os.environ.get("DETECTRON2_DATASETS", "datasets"))
@@ -245,8 +245,8 @@ def test_entry_points_refuse_find_unused_parameters_at_start(one_process_group, 
         TINY_LAZY + ["train.ddp.find_unused_parameters=True", f"train.output_dir={tmp_path}"],
     )
     with mock.patch.object(
-        rev_det.trainer,
+        rev_det.runs,
         "create_ddp_model",
         lambda model, fp16_compression, **kw: DistributedDataParallel(model, **kw),
     ), pytest.raises(ValueError, match="find_unused_parameters=True"):
-        rev_det.trainer.train_lazy(cfg)
+        rev_det.runs.train_lazy(cfg)

@@ -11,7 +11,7 @@ from helpers import DEMO_LAZY, DEMO_MVIT, DEMO_YAML, TINY_LAZY, TINY_YACS, yacs_
 from PIL import Image
 
 from rev_det import predict
-from rev_det.trainer import Trainer
+from rev_det.runs import Trainer
 
 
 def pictures(folder, n=2):

@@ -1,4 +1,5 @@
-"""Trunk pretraining (rev_det.pretrain, tools/pretrain_trunk.py) and shipped weights (model_zoo)."""
+"""Trunk pretraining (rev_det.demo.pretrain, tools/pretrain_trunk.py) and shipped weights
+(model_zoo)."""
 
 import os
 import re
@@ -16,7 +17,7 @@ import rev_det
 from rev_det import model_zoo
 from rev_det.checkpoint import AtomicCheckpointer
 from rev_det.data import SHAPES_CATEGORIES, draw_shapes_sample, ensure_shapes_dataset
-from rev_det.pretrain import (
+from rev_det.demo.pretrain import (
     IGNORE,
     PretrainSchedule,
     ShapesPretrainHead,

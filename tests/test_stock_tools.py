@@ -18,7 +18,8 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from helpers import ROOT, tiny_cfg
 from torch.optim import AdamW
 
-from rev_det.data import ensure_shapes_dataset, shapes
+from rev_det.data import ensure_shapes_dataset
+from rev_det.demo import shapes
 from rev_det.solver import build_optimizer, expect_optimizer
 
 

@@ -48,7 +48,7 @@ from detectron2.modeling import build_model
 
 from rev_det.convert import build_target_trunk, convert_checkpoint, save_detectron2_checkpoint
 from rev_det.data import SHAPES_TEST_DATASET, fixed_training_batch
-from rev_det.trainer import Trainer, load_weights, load_yacs_config
+from rev_det.runs import Trainer, load_weights, load_yacs_config
 from rev_det.utils import MiB, machine, training_step_peak, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,9 +2,10 @@
 """Pretrain the trunk of a detector config on the shapes generator and export it for fine-tuning.
 
 The trunk is built from the detector's own config (same class, sizes and parameter names), trained
-by dense shape segmentation and object classification on the generator's "pretrain" image stream (see
-:mod:`rev_det.pretrain`; never an image of ``revdet_shapes_train`` or ``_val``), and written as a
-checkpoint that ``MODEL.WEIGHTS`` / ``train.init_checkpoint`` load with ``MODEL.REV.STRICT_LOAD``.
+by dense shape segmentation and object classification on the generator's "pretrain" image stream
+(see :mod:`rev_det.demo.pretrain`; never an image of ``revdet_shapes_train`` or ``_val``), and
+written as a checkpoint that ``MODEL.WEIGHTS`` / ``train.init_checkpoint`` load with
+``MODEL.REV.STRICT_LOAD``.
 
 Example (the demo's pretrained trunk, rev_det/model_zoo/weights/rev_vit_demo_trunk.pth)::
 
@@ -28,7 +29,7 @@ from detectron2.modeling import build_backbone
 from detectron2.utils.logger import setup_logger
 
 import rev_det
-from rev_det.pretrain import (
+from rev_det.demo.pretrain import (
     PretrainSchedule,
     ShapesSegmentation,
     detector_trunk,

@@ -8,7 +8,7 @@ existing Detectron2 project adds to use these backbones:
 2. ``rev_det.add_revdet_config(cfg)`` before ``merge_from_file``;
 3. ``MODEL.BACKBONE.NAME: "build_rev_vit_backbone"`` (or ``build_rev_mvit_backbone``) in the yaml.
 
-The trainer is ``rev_det.trainer.Trainer``, as in ``projects/train_net.py`` (rev_det's AdamW with
+The trainer is ``rev_det.runs.Trainer``, as in ``projects/train_net.py`` (rev_det's AdamW with
 layer-wise lr decay, a COCO evaluator), and the flags are the same: ``--config-file``,
 ``--eval-only``, ``--resume``, ``--num-gpus``, ... and ``KEY VALUE`` overrides. For example::
 
@@ -21,7 +21,7 @@ from detectron2.projects.point_rend import add_pointrend_config
 
 # Workers started by `launch` import this file anew, so rev_det is registered in each of them.
 import rev_det  # noqa: F401
-from rev_det.trainer import Trainer, load_yacs_config
+from rev_det.runs import Trainer, load_yacs_config
 
 
 def main(args):

@@ -1,13 +1,13 @@
-"""Datasets shipped with rev_det: the synthetic COCO-format ``revdet_shapes``."""
+"""rev_det's data: COCO-format datasets, the resumable training loader, and the names of the
+embedded synthetic ``revdet_shapes`` datasets (defined in :mod:`rev_det.demo.shapes`, re-exported
+here because ``import rev_det`` registers them)."""
 
 from typing import Iterable, List
 
 import numpy as np
 from detectron2.data import DatasetCatalog, DatasetMapper
 
-from .coco_json import register_coco_datasets
-from .samplers import ResumableBatchSampler, ResumableTrainLoader, build_resumable_train_loader
-from .shapes import (
+from ..demo.shapes import (
     SHAPES_CATEGORIES,
     SHAPES_DATASETS,
     SHAPES_TEST_DATASET,
@@ -17,6 +17,8 @@ from .shapes import (
     ensure_shapes_stream,
     register_shapes_datasets,
 )
+from .coco_json import register_coco_datasets
+from .samplers import ResumableBatchSampler, ResumableTrainLoader, build_resumable_train_loader
 
 __all__ = [
     "SHAPES_CATEGORIES",
