@@ -72,8 +72,11 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with mode 0o666 honours the umask (tempfile.mkstemp would make it owner-only).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        # os.open with mode 0o666 honours the umask (tempfile.mkstemp would make it owner-only).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:  # e.g. the directory was made read-only while the run trained
+        _raise_explained(path, e)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -83,16 +86,22 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        # torch.save reports a full disk as a bare RuntimeError; name the file and the cause.
-        write_error = explain_write_error(path, e)
-        if write_error is not None:
-            raise write_error from e
-        raise
+        _raise_explained(path, e)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _raise_explained(path: str, error: BaseException):
+    """Raise ``error`` as an OSError naming ``path`` and the fix where it comes from the file
+    system (full, read-only, forbidden; torch.save reports a full disk as a bare RuntimeError),
+    else as it is."""
+    write_error = explain_write_error(path, error)
+    if write_error is not None:
+        raise write_error from error
+    raise error
 
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")

@@ -567,6 +567,45 @@ def test_a_full_disk_while_saving_names_the_file_and_keeps_the_old_one(tmp_path)
             raise ValueError("bad data")
 
 
+def test_an_output_dir_made_read_only_while_training_names_the_save_not_the_lock(
+    tmp_path, monkeypatch, caplog
+):
+    """A directory made read-only while a run trains (chmod a-w; simulated: this suite may run
+    as root, whom permissions do not stop): the failed checkpoint save is the error, naming the
+    file and the fix; releasing the lock then cannot remove run.lock, which is logged, not
+    raised over the save's error."""
+    out = tmp_path / "out"
+    real_open, real_unlink = os.open, os.unlink
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def read_only_open(path, flags, *args):
+        if str(path).startswith(str(out)) and flags & os.O_CREAT:
+            denied(path)
+        return real_open(path, flags, *args)
+
+    def read_only_unlink(path, *args, **kwargs):
+        if str(path).startswith(str(out)):
+            denied(path)
+        return real_unlink(path, *args, **kwargs)
+
+    error = r"Cannot write .*last_checkpoint: permission denied"
+    with caplog.at_level(logging.WARNING, logger="rev_det.checks"), pytest.raises(
+        OSError, match=error
+    ):
+        with OutputDirLock(str(out)):
+            monkeypatch.setattr(os, "open", read_only_open)
+            monkeypatch.setattr(os, "unlink", read_only_unlink)
+            with atomic_open(str(out / "last_checkpoint"), "w") as f:
+                f.write("model_0000099.pth")
+    assert "Could not remove" in caplog.text and "run.lock" in caplog.text
+    monkeypatch.undo()
+    # The lock ended with the run: the next run takes the directory over.
+    with OutputDirLock(str(out)) as lock:
+        assert lock.previous
+
+
 def test_heads_that_do_not_divide_the_width_name_the_keys_of_both_config_systems():
     with pytest.raises(ValueError, match=r"MODEL.REVVIT.EMBED_DIM = 100 is not divisible by "):
         check_yacs_config(yacs_cfg(DEMO_YAML, "MODEL.REVVIT.EMBED_DIM", 100))

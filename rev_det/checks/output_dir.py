@@ -143,10 +143,23 @@ class OutputDirLock:
         if self._fd is None:
             return
         # Removed while still locked, so that no other run can lock this file meanwhile.
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(self.path)
-        os.close(self._fd)
-        self._fd = None
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            # A run ending on an error (e.g. its directory was made read-only while it trained)
+            # must report that error, not this one: the lock ends with the file descriptor.
+            logger.warning(
+                "Could not remove %s (%s). It holds no lock once this run ends; the next run in "
+                "%s takes it over (or remove it by hand).",
+                self.path,
+                e.strerror or e,
+                self.directory,
+            )
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
     def tidy(self) -> List[str]:
         """Log a taken-over stale lock and remove temporary files of interrupted checkpoint
