@@ -29,7 +29,7 @@ from rev_det.convert import (
     extract_state_dict,
     save_detectron2_checkpoint,
 )
-from rev_det.modeling import RevMViT, RevViT
+from rev_det.modeling import REVMVIT_PAPER_OPTIONS, RevMViT, RevViT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_pretrained.py")
@@ -552,8 +552,9 @@ def small_rev_mvit(**kwargs):
 
 def paper_rev_mvit(**kwargs):
     """A small RevMViT in the paper layout, configured as the official Rev-MViT."""
-    args = dict(layout="paper", use_abs_pos=True, use_rel_pos=False, residual_pooling=False)
-    return small_rev_mvit(pretrain_img_size=32, **args, **kwargs)
+    return small_rev_mvit(
+        layout="paper", pretrain_img_size=32, **{**REVMVIT_PAPER_OPTIONS, **kwargs}
+    )
 
 
 def test_pyslowfast_revmvit_is_the_official_function_in_the_paper_layout():

@@ -7,7 +7,12 @@ from helpers import block_norm_inputs_dense, rel_err, tiny_rev_mvit
 from torch import nn
 
 from rev_det.modeling.attention import attention_with_rel_pos, rel_pos_table
-from rev_det.modeling.rev_mvit import REVMVIT_SIZES, RevMViT, StageTransitionBlock
+from rev_det.modeling.rev_mvit import (
+    REVMVIT_PAPER_OPTIONS,
+    REVMVIT_SIZES,
+    RevMViT,
+    StageTransitionBlock,
+)
 from rev_det.utils.memory import MemoryTracker
 
 LEVELS = ("scale2", "scale3", "scale4", "scale5")
@@ -28,7 +33,7 @@ def test_output_shape_matches_outputs_on_padded_sizes():
 
 
 # The paper layout as the official Rev-MViT has it: absolute positions only, global attention.
-PAPER = dict(layout="paper", use_rel_pos=False, residual_pooling=False, adaptive_window_size=0)
+PAPER = dict(layout="paper", **REVMVIT_PAPER_OPTIONS)
 
 
 # Seeds for which drop path leaves every parameter a gradient (no branch, and in the paper

@@ -13,7 +13,7 @@ from .fpn import RecomputedFPN
 from .heads import build_detector, recompute_heads
 from .layers import LayerNorm2d, get_norm
 from .pyramid import ReversibleFeaturePyramid, SimpleFeaturePyramid
-from .rev_mvit import REVMVIT_SIZES, RevMViT
+from .rev_mvit import REVMVIT_PAPER_OPTIONS, REVMVIT_SIZES, RevMViT
 from .rev_vit import REVVIT_SIZES, RevViT, vit_trunk_args
 from .rev_vitdet import RevViTDet
 from .trunk import TwoStreamTrunk
@@ -24,6 +24,7 @@ __all__ = [
     "REVVIT_SIZES",
     "RevViTDet",
     "RevMViT",
+    "REVMVIT_PAPER_OPTIONS",
     "REVMVIT_SIZES",
     "TwoStreamTrunk",
     "RecomputedFPN",

@@ -43,6 +43,7 @@ __all__ = [
     "ConvPatchEmbed",
     "pool_tokens",
     "REVMVIT_SIZES",
+    "REVMVIT_PAPER_OPTIONS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,14 @@ REVMVIT_SIZES = {
         layout="paper",
     ),
 }
+
+# The rest of the released Rev-MViT's configuration (PySlowFast REV_MVIT_B_16_CONV) beside its
+# size ("paper_b"): absolute positions only, no residual pooling, global attention. With them
+# the paper layout computes the official function (configs/COCO/mask_rcnn_rev_mvit_b_paper.yaml
+# sets the same keys).
+REVMVIT_PAPER_OPTIONS = dict(
+    use_abs_pos=True, use_rel_pos=False, residual_pooling=False, adaptive_window_size=0
+)
 
 # Every stage transition halves the resolution (pooling stride of its queries and its skip).
 _Q_STRIDE = 2

@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from rev_det.modeling import REVMVIT_SIZES, RevMViT, RevViT
+from rev_det.modeling import REVMVIT_PAPER_OPTIONS, REVMVIT_SIZES, RevMViT, RevViT
 
 from ..detectors import MODES, Detection
 from ..measure import Row, budgeted, measure, param_mib
@@ -84,11 +84,8 @@ def build_classifier(name: str, mode: str) -> Classifier:
         return Classifier(PlainMViT(size), "scale5", 8 * REVMVIT_SIZES[size]["embed_dim"])
     net = RevMViT(
         **REVMVIT_SIZES[size],
-        # The official configuration (PySlowFast REV_MVIT_B_16_CONV), the classifier's output only.
-        use_abs_pos=True,
-        use_rel_pos=False,
-        residual_pooling=False,
-        adaptive_window_size=0,
+        # The official configuration; the classifier's output only.
+        **REVMVIT_PAPER_OPTIONS,
         pretrain_use_cls_token=False,
         backprop=mode,
         out_features=("scale5",),
